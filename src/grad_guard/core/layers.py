@@ -1,0 +1,147 @@
+"""Map a model's parameters to named layers.
+
+A *layer* is the unit that grad_guard reports on: by default the module that directly
+owns the parameters (a ``Linear``'s weight and bias form one layer named by the module
+path, e.g. ``encoder.layers.0.linear1``). Layers keep the model's definition order,
+which for ordinary models is forward order: the first layer is nearest the input and
+the last nearest the loss.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+Granularity = Union[Literal["module", "parameter"], int]
+"""``"module"`` (owning module), ``"parameter"`` (one layer per tensor) or an ``int`` N
+(module path truncated to its first N components)."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A named group of parameters reported as one row.
+
+    Attributes:
+        name: display name, e.g. ``"encoder.0"``; ``"(root)"`` for parameters owned by
+            the top-level module itself.
+        param_names: fully qualified parameter names, in definition order.
+        params: the parameter tensors, same order as ``param_names``.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    params: tuple[torch.Tensor, ...]
+
+
+ROOT_LAYER_NAME = "(root)"
+
+
+def validate_granularity(granularity: Granularity) -> Granularity:
+    """Return ``granularity`` or raise a ``ValueError`` that says what is allowed."""
+    if isinstance(granularity, bool) or not (
+        granularity in ("module", "parameter")
+        or (isinstance(granularity, int) and granularity >= 1)
+    ):
+        raise ValueError(
+            f"`granularity` must be 'module', 'parameter' or a positive int depth, "
+            f"got {granularity!r}"
+        )
+    return granularity
+
+
+def compile_patterns(argument: str, patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+    """Compile include/exclude regexes, naming ``argument`` when one is invalid."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"`{argument}` must hold regex strings, got {pattern!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"`{argument}` has an invalid regex {pattern!r}: {err}") from err
+    return compiled
+
+
+def _layer_name(module_path: str, param_name: str, granularity: Granularity) -> str:
+    if granularity == "parameter":
+        return f"{module_path}.{param_name}" if module_path else param_name
+    if not module_path:
+        return ROOT_LAYER_NAME
+    if granularity == "module":
+        return module_path
+    return ".".join(module_path.split(".")[: int(granularity)])
+
+
+def group_parameters(
+    module: nn.Module,
+    granularity: Granularity = "module",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    parameters: Iterable[torch.Tensor] | None = None,
+) -> list[Layer]:
+    """Group ``module``'s trainable parameters into named layers, in definition order.
+
+    Tied (shared) parameters are counted once, under the first module that owns them.
+    Frozen parameters (``requires_grad=False``) are left out.
+
+    Args:
+        module: the model.
+        granularity: ``"module"`` groups by the owning module, ``"parameter"`` gives one
+            layer per parameter tensor, an ``int`` N groups by the first N components of
+            the module path (``2`` turns ``encoder.layers.0.linear1`` into
+            ``encoder.layers``).
+        include: regex (or list of them); keep only layers whose name matches one
+            (``re.search``).
+        exclude: regex (or list of them); drop layers whose name matches one.
+        parameters: restrict to these tensors, e.g. one optimizer's parameters.
+
+    Returns:
+        The layers, first-defined first. Layers with no parameter left are omitted.
+
+    Raises:
+        ValueError: if ``granularity`` or a regex is invalid.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [layer.name for layer in group_parameters(model)]
+        ['0', '2']
+        >>> [layer.name for layer in group_parameters(model, "parameter")][:2]
+        ['0.weight', '0.bias']
+    """
+    validate_granularity(granularity)
+    include_patterns = compile_patterns("include", include)
+    exclude_patterns = compile_patterns("exclude", exclude)
+    allowed = None if parameters is None else {id(p) for p in parameters}
+
+    seen: set[int] = set()
+    grouped: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
+    for module_path, submodule in module.named_modules(remove_duplicate=False):
+        for param_name, param in submodule.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            if allowed is not None and id(param) not in allowed:
+                continue
+            seen.add(id(param))
+            name = _layer_name(module_path, param_name, granularity)
+            names, params = grouped.setdefault(name, ([], []))
+            names.append(f"{module_path}.{param_name}" if module_path else param_name)
+            params.append(param)
+
+    layers = []
+    for name, (names, params) in grouped.items():
+        if include_patterns and not any(p.search(name) for p in include_patterns):
+            continue
+        if any(p.search(name) for p in exclude_patterns):
+            continue
+        layers.append(Layer(name=name, param_names=tuple(names), params=tuple(params)))
+    return layers

@@ -1,0 +1,165 @@
+"""Write grad_guard's numbers to whatever loggers the Trainer has.
+
+Scalars go to every logger through ``logger.log_metrics`` (TensorBoard, CSV, W&B,
+MLflow...). TensorBoard-only extras (the custom-scalars layout, raw histograms, images,
+text) go to loggers whose ``experiment`` is a ``SummaryWriter``-like object and are
+skipped for the rest. Loggers are found by duck typing, so the same code serves the
+``lightning`` and ``pytorch_lightning`` namespaces.
+
+Only global rank zero writes.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Tag prefixes. TensorBoard groups scalars by the text before the first "/", so every
+# layer of one quantity lands in one section.
+GRAD_NORM = "grad_norm"
+PARAM_NORM = "param_norm"
+GRAD_TO_PARAM = "grad_to_param"
+UPDATE_RATIO = "update_ratio"
+GRAD_HIST = "grad_hist"
+SUMMARY = "grad_guard"  # totals, clipping, anomaly counters
+
+_layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
+_warned_no_logger: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def tag(prefix: str, name: str, optimizer_label: str = "") -> str:
+    """Build a tag, e.g. ``tag("grad_norm", "encoder.0", "optimizer_1")``.
+
+    Example:
+        >>> tag("grad_norm", "encoder.0")
+        'grad_norm/encoder.0'
+        >>> tag("grad_norm", "gen.fc", "optimizer_1")
+        'grad_norm/optimizer_1/gen.fc'
+    """
+    return f"{prefix}/{optimizer_label}/{name}" if optimizer_label else f"{prefix}/{name}"
+
+
+def is_global_zero(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def tensorboard_writers(trainer: Any) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer`` (rank zero only)."""
+    if not is_global_zero(trainer):
+        return []
+    writers = []
+    for logger in getattr(trainer, "loggers", []):
+        if type(logger).__name__ != "TensorBoardLogger":
+            continue
+        writer = logger.experiment
+        if hasattr(writer, "add_histogram_raw"):
+            writers.append(writer)
+    return writers
+
+
+def warn_if_no_logger(trainer: Any) -> None:
+    """Warn once per trainer when there is nowhere to write."""
+    if getattr(trainer, "loggers", None) or trainer in _warned_no_logger:
+        return
+    _warned_no_logger.add(trainer)
+    warnings.warn(
+        "grad_guard: the Trainer has no logger, so gradient statistics are computed for "
+        "detection/clipping/report only and nothing is logged. Pass `logger=True` or a "
+        "TensorBoardLogger to see them.",
+        stacklevel=2,
+    )
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Send plain scalars to every logger of ``trainer`` (rank zero only)."""
+    if not metrics or not is_global_zero(trainer):
+        return
+    for logger in getattr(trainer, "loggers", []):
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def layout_charts(trainer: Any) -> dict[str, list[str]]:
+    """Multiline charts wanted by all grad_guard callbacks of ``trainer``: title -> regexes."""
+    charts: dict[str, list[str]] = {}
+    for callback in getattr(trainer, "callbacks", []):
+        provider = getattr(callback, "layout_charts", None)
+        if callable(provider):
+            for title, regexes in provider().items():
+                charts.setdefault(title, [])
+                charts[title].extend(r for r in regexes if r not in charts[title])
+    return charts
+
+
+def write_layout(trainer: Any) -> None:
+    """Register the custom-scalars layout once per writer.
+
+    ``add_custom_scalars`` may be called only once per writer, so the layout gathers the
+    charts of every grad_guard callback on the Trainer.
+    """
+    for writer in tensorboard_writers(trainer):
+        if writer in _layout_written:
+            continue
+        charts = layout_charts(trainer)
+        if not charts:
+            continue
+        layout = {"grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}}
+        writer.add_custom_scalars(layout)
+        _layout_written.add(writer)
+
+
+def histogram_buckets(values: Tensor, bins: int) -> dict[str, Any]:
+    """Histogram of ``values`` computed on their device, in ``add_histogram_raw``'s format.
+
+    One small device-to-host copy of the bucket counts and five summary numbers; no
+    numpy binning of the raw values.
+
+    Example:
+        >>> h = histogram_buckets(torch.tensor([0.0, 1.0, 1.0, 2.0]), bins=2)
+        >>> h["num"], h["bucket_counts"]
+        (4, [1.0, 3.0])
+    """
+    flat = values.detach().reshape(-1).float()
+    flat = flat[torch.isfinite(flat)]
+    if flat.numel() == 0:
+        return {}
+    low_high = torch.stack([flat.min(), flat.max(), flat.sum(), flat.square().sum()])
+    low, high, total, total_sq = low_high.cpu().tolist()
+    if high <= low:
+        high = low + 1e-12
+    counts = torch.histc(flat, bins=bins, min=low, max=high).cpu().tolist()
+    width = (high - low) / bins
+    limits = [low + width * (i + 1) for i in range(bins)]
+    return {
+        "min": low,
+        "max": high,
+        "num": int(flat.numel()),
+        "sum": total,
+        "sum_squares": total_sq,
+        "bucket_limits": limits,
+        "bucket_counts": counts,
+    }
+
+
+def write_histograms(
+    trainer: Any, histograms: Iterable[tuple[str, Sequence[Tensor]]], bins: int, step: int
+) -> int:
+    """Write one raw histogram per ``(tag, tensors)``; returns how many were written."""
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return 0
+    written = 0
+    for name, tensors in histograms:
+        if not tensors:
+            continue
+        data = histogram_buckets(torch.cat([t.detach().reshape(-1) for t in tensors]), bins)
+        if not data:
+            continue
+        for writer in writers:
+            writer.add_histogram_raw(name, global_step=step, **data)
+        written += 1
+    return written
