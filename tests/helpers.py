@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_loader(n: int = 64, features: int = 4, classes: int = 2, batch_size: int = 8, seed: int = 0):
+def make_loader(
+    n: int = 64, features: int = 4, classes: int = 2, batch_size: int = 8, seed: int = 0
+):
     """A deterministic classification loader (no shuffling)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=generator)
@@ -24,11 +26,20 @@ def make_loader(n: int = 64, features: int = 4, classes: int = 2, batch_size: in
 class TinyModule(L.LightningModule):
     """An MLP classifier: layers ``net.0``, ``net.2``, ``net.4``."""
 
-    def __init__(self, features: int = 4, hidden: int = 8, classes: int = 2, lr: float = 0.1,
-                 optimizer: str = "sgd") -> None:
+    def __init__(
+        self,
+        features: int = 4,
+        hidden: int = 8,
+        classes: int = 2,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, classes),
         )
         self.lr = lr

@@ -37,7 +37,22 @@ _LAZY: dict[str, str] = {
     "group_parameters": "grad_guard.core.layers",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "AGC",
+    "AdaptiveGradientClipping",
+    "AutoClip",
+    "GradGuard",
+    "GradientAnomalyDetection",
+    "GradientAnomalyError",
+    "GradientNormMonitor",
+    "GradientStats",
+    "NormClip",
+    "ValueClip",
+    "ZClip",
+    "__version__",
+    "compute_gradient_stats",
+    "group_parameters",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from grad_guard.callbacks.clipping import AdaptiveGradientClipping

@@ -107,7 +107,9 @@ def write_layout(trainer: Any) -> None:
         charts = layout_charts(trainer)
         if not charts:
             continue
-        layout = {"grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}}
+        layout = {
+            "grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}
+        }
         writer.add_custom_scalars(layout)
         _layout_written.add(writer)
 

@@ -57,7 +57,10 @@ def _warn_if_fused_under_amp(trainer: Any) -> None:
     if scaler is None:
         return
     for optimizer in getattr(trainer, "optimizers", []):
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and id(optimizer) not in _warned_fused:
+        if (
+            getattr(optimizer, "_step_supports_amp_scaling", False)
+            and id(optimizer) not in _warned_fused
+        ):
             _warned_fused.add(id(optimizer))
             warnings.warn(
                 f"grad_guard: {type(optimizer).__name__} unscales gradients inside `step()` "

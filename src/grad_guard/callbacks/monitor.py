@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from grad_guard._validation import check_int
 from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.base import GradGuardCallback, is_logging_step
 from grad_guard.core.layers import Granularity, compile_patterns
+from grad_guard.history import GradientHistory
 from grad_guard.loggers import (
     GRAD_HIST,
     GRAD_NORM,
@@ -22,6 +24,7 @@ from grad_guard.loggers import (
     UPDATE_RATIO,
     log_scalars,
     tag,
+    tensorboard_writers,
     write_histograms,
     write_layout,
 )
@@ -65,6 +68,15 @@ class GradientNormMonitor(GradGuardCallback):
         max_histogram_layers: at most this many layers get a histogram (evenly spread
             over the model), so a 1000-layer model does not write 1000 per log.
         histogram_bins: number of histogram buckets.
+        image_every_n_steps: every N logging steps (and at the end of fit) write a layer x
+            step heatmap and a gradient-flow chart to TensorBoard (needs matplotlib:
+            ``pip install "grad-guard[plot]"``); ``None`` writes none.
+        history_size: logged steps kept in :attr:`history` (evenly thinned beyond that),
+            which the pictures and the end-of-fit report are drawn from.
+
+    Attributes:
+        history: the :class:`~grad_guard.history.GradientHistory` of the logged host
+            values (set it to ``None`` to keep nothing).
 
     Raises:
         ValueError: if an argument is out of range; the message names it.
@@ -94,6 +106,8 @@ class GradientNormMonitor(GradGuardCallback):
         histogram_every_n_steps: int | None = None,
         max_histogram_layers: int = 20,
         histogram_bins: int = 30,
+        image_every_n_steps: int | None = 10,
+        history_size: int = 512,
     ) -> None:
         super().__init__(granularity=granularity, norm_type=norm_type)
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
@@ -108,7 +122,13 @@ class GradientNormMonitor(GradGuardCallback):
         )
         self.max_histogram_layers = check_int("max_histogram_layers", max_histogram_layers)
         self.histogram_bins = check_int("histogram_bins", histogram_bins, minimum=2)
+        self.image_every_n_steps = check_int(
+            "image_every_n_steps", image_every_n_steps, allow_none=True
+        )
+        self.history_size = check_int("history_size", history_size, minimum=2)
+        self.history: GradientHistory | None = GradientHistory(max_steps=history_size)
         self.logged_steps = 0
+        self._last_image_step: int | None = None
         # optimizer id -> (step, label, computer, layer mask, weights before the step)
         self._snapshots: dict[int, tuple[int, str, Any, list[bool], list[list[Tensor]]]] = {}
 
@@ -146,7 +166,10 @@ class GradientNormMonitor(GradGuardCallback):
         stats, computer = context.stats, context.computer
         step = shared_pass.training_step(trainer)
         label = shared_pass.optimizer_label(trainer, optimizer)
-        mask = [present and self._wanted(name) for name, present in zip(stats.layer_names, stats.has_grad)]
+        mask = [
+            present and self._wanted(name)
+            for name, present in zip(stats.layer_names, stats.has_grad)
+        ]
 
         parts = [stats.layer_norms.float(), stats.total_norm.float().reshape(1)]
         if self.log_param_norms:
@@ -167,6 +190,10 @@ class GradientNormMonitor(GradGuardCallback):
         write_layout(trainer)
         log_scalars(trainer, metrics, step)
         self.logged_steps += 1
+        if self.history is not None:
+            self._record(step, label, stats, values)
+            if self.image_every_n_steps and self.logged_steps % self.image_every_n_steps == 0:
+                self._write_images(trainer, step)
 
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, stats, mask, label, step)
@@ -178,11 +205,7 @@ class GradientNormMonitor(GradGuardCallback):
             return
         snapshots, self._snapshots = self._snapshots, {}
         for step, label, computer, mask, before in snapshots.values():
-            after = _weights(computer)
-            deltas = [
-                [a - b for a, b in zip(layer_after, layer_before)]
-                for layer_after, layer_before in zip(after, before)
-            ]
+            deltas = _differences(computer, before)
             both = torch.stack([computer.norms_of(deltas), computer.norms_of(before)])
             update_norms, weight_norms = both.float().cpu().tolist()
             metrics = {
@@ -191,9 +214,42 @@ class GradientNormMonitor(GradGuardCallback):
                 if mask[i]
             }
             log_scalars(trainer, metrics, step)
+            if self.history is not None:
+                names = [n for i, n in enumerate(computer.layer_names) if mask[i]]
+                ratios = [metrics[tag(UPDATE_RATIO, n, label)] for n in names]
+                self.history.record_update_ratios(
+                    step, [tag(label, n) if label else n for n in names], ratios
+                )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._snapshots = {}
+        if self.image_every_n_steps and self.history is not None and len(self.history):
+            self._write_images(trainer, self.history.steps[-1], final=True)
+
+    def _record(self, step: int, label: str, stats: Any, values: list[float]) -> None:
+        """Keep this logging step's host values in :attr:`history` (no device access)."""
+        num_layers = len(stats.layer_names)
+        wanted = [i for i, name in enumerate(stats.layer_names) if self._wanted(name)]
+        params = values[num_layers + 1 :] if self.log_param_norms else None
+        self.history.record(
+            step,
+            [tag(label, stats.layer_names[i]) if label else stats.layer_names[i] for i in wanted],
+            [values[i] for i in wanted],
+            total_norm=values[num_layers],
+            param_norms=[params[i] for i in wanted] if params is not None else None,
+            has_grad=[stats.has_grad[i] for i in wanted],
+        )
+
+    def _write_images(self, trainer: Any, step: int, final: bool = False) -> None:
+        from grad_guard import plots
+
+        if final and self._last_image_step == step:
+            return
+        try:
+            if plots.add_images(tensorboard_writers(trainer), self.history, step):
+                self._last_image_step = step
+        except Exception as err:  # pictures must never stop training
+            warnings.warn(f"grad_guard: could not draw the gradient images: {err!r}", stacklevel=2)
 
     def _write_histograms(
         self, trainer: Any, stats: Any, mask: Sequence[bool], label: str, step: int
@@ -210,10 +266,26 @@ class GradientNormMonitor(GradGuardCallback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"logged_steps": self.logged_steps}
+        state: dict[str, Any] = {"logged_steps": self.logged_steps}
+        if self.history is not None:
+            state["history"] = self.history.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.logged_steps = int(state_dict.get("logged_steps", 0))
+        if self.history is not None and "history" in state_dict:
+            self.history.load_state_dict(state_dict["history"])
+
+
+def _differences(computer: Any, before: list[list[Tensor]]) -> list[list[Tensor]]:
+    """Per layer, ``weights now - before`` with one foreach subtraction."""
+    now = [p.detach() for layer in computer.layers for p in layer.params]
+    flat = torch._foreach_sub(now, [t for layer in before for t in layer])
+    out, start = [], 0
+    for layer in before:
+        out.append(flat[start : start + len(layer)])
+        start += len(layer)
+    return out
 
 
 def _weights(computer: Any) -> list[list[Tensor]]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
 
-Granularity = Union[Literal["module", "parameter"], int]
+Granularity = Literal["module", "parameter"] | int
 """``"module"`` (owning module), ``"parameter"`` (one layer per tensor) or an ``int`` N
 (module path truncated to its first N components)."""
 
@@ -67,7 +67,9 @@ def compile_patterns(argument: str, patterns: str | Sequence[str] | None) -> lis
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
-            raise ValueError(f"`{argument}` has an invalid regex {pattern!r}: {err}") from err
+            raise ValueError(
+                f"`{argument}` must hold valid regexes, got {pattern!r} ({err})"
+            ) from err
     return compiled
 
 

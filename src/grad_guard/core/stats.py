@@ -10,6 +10,10 @@ Sharded gradients (``DTensor``, as FSDP2 produces) are reduced to the norms of t
 unsharded gradient: local ``|g|^p`` sums for *all* layers are packed into one vector and
 all-reduced once per process group. Replicated placements (tensor parallel) are not
 summed again, so nothing is double counted.
+
+FSDP1 gives plain tensors that are each rank's slice of a flat parameter. Given the
+``process_group`` the slices are spread over, their ``|g|^p`` sums are packed and
+all-reduced the same way (one collective for all layers).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +38,7 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLAT_SHARDS = "flat_shards"  # reduce key of plain tensors sharded over `process_group`
 
 
 def validate_norm_type(norm_type: float) -> float:
@@ -103,6 +109,13 @@ class LayerNormComputer:
     Args:
         num_layers: how many layers the result has.
         norm_type: p of the p-norm (``float('inf')`` for the max-norm).
+        process_group: when given, plain (non-``DTensor``) tensors are taken to be this
+            rank's shards of tensors split over the group (FSDP1 flat parameters): their
+            ``|g|^p`` sums are all-reduced over it, in one collective that every rank makes
+            on every call, also when it holds no shard. ``None`` (default): plain tensors
+            are complete.
+        device: where the result lives when a call gets no tensor at all (a rank that
+            holds no shard still takes part in the all-reduce).
 
     Example:
         >>> computer = LayerNormComputer(num_layers=2)
@@ -110,9 +123,17 @@ class LayerNormComputer:
         tensor([2., 3.])
     """
 
-    def __init__(self, num_layers: int, norm_type: float = 2.0) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        norm_type: float = 2.0,
+        process_group: Any = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.num_layers = num_layers
         self.norm_type = validate_norm_type(norm_type)
+        self.process_group = process_group
+        self.device = device
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._warned_sparse: set[int] = set()
         self.collectives_last_call = 0
@@ -136,20 +157,25 @@ class LayerNormComputer:
                 locals_.append(local)
                 indices.append(layer_index)
 
-        device = next((key[1] for key in groups), torch.device("cpu"))
+        device = next((key[1] for key in groups), self.device or torch.device("cpu"))
         acc_dtype = torch.float64 if any(k[2] == torch.float64 for k in groups) else torch.float32
         p = self.norm_type
-        # one accumulator per reduce key: None = plain tensors, else a process group
+        # one accumulator per reduce key: None = complete tensors, else what to reduce over
         accumulators: dict[object, Tensor] = {}
+        if self.process_group is not None:
+            # every rank must join the collective, and with the same dtype, whatever it holds
+            accumulators[_FLAT_SHARDS] = torch.zeros(
+                self.num_layers, device=device, dtype=torch.float64
+            )
         for (reduce_key, group_device, dtype), (locals_, indices) in groups.items():
-            norms = _foreach_norms(locals_, p, group_device, dtype)
-            values = torch.stack(norms).to(device=device, dtype=acc_dtype)
-            index = self._index(device, indices)
             acc = accumulators.get(reduce_key)
             if acc is None:
                 acc = accumulators[reduce_key] = torch.zeros(
                     self.num_layers, device=device, dtype=acc_dtype
                 )
+            norms = _foreach_norms(locals_, p, group_device, dtype)
+            values = torch.stack(norms).to(device=device, dtype=acc.dtype)
+            index = self._index(device, indices)
             if math.isinf(p):
                 acc.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
             else:
@@ -161,7 +187,7 @@ class LayerNormComputer:
             if reduce_key is not None:
                 self._all_reduce(acc, reduce_key)
             if math.isinf(p):
-                result = torch.maximum(result, acc)
+                result = torch.maximum(result, acc.to(acc_dtype))
             else:
                 result += acc
         return result if math.isinf(p) or p == 1 else result.pow(1.0 / p)
@@ -179,7 +205,7 @@ class LayerNormComputer:
     def _localize(self, tensor: Tensor) -> tuple[object, Tensor]:
         """Return (reduce key, local tensor). The key names the groups to all-reduce over."""
         if DTensor is None or not isinstance(tensor, DTensor):
-            return None, tensor
+            return (None if self.process_group is None else _FLAT_SHARDS), tensor
         placements = tensor.placements
         if any(isinstance(pl, Partial) for pl in placements):
             # pending reductions: only the full tensor has a meaningful norm
@@ -191,8 +217,18 @@ class LayerNormComputer:
         return (tensor.device_mesh, shard_dims), tensor.to_local()
 
     def _all_reduce(self, acc: Tensor, reduce_key: object) -> None:
+        if math.isinf(self.norm_type):
+            # a MAX reduction may drop a NaN (max(1, nan) is 1 in some orders): make it
+            # +inf, so every rank sees the same non-finite flag
+            acc.nan_to_num_(nan=math.inf)
+            op = dist.ReduceOp.MAX
+        else:
+            op = dist.ReduceOp.SUM  # NaN and inf survive a sum on every rank
+        if reduce_key is _FLAT_SHARDS:
+            dist.all_reduce(acc, op=op, group=self.process_group)
+            self.collectives_last_call += 1
+            return
         mesh, shard_dims = reduce_key  # type: ignore[misc]
-        op = dist.ReduceOp.MAX if math.isinf(self.norm_type) else dist.ReduceOp.SUM
         for dim in shard_dims:
             dist.all_reduce(acc, op=op, group=mesh.get_group(dim))
             self.collectives_last_call += 1
@@ -240,6 +276,12 @@ class GradientStatsComputer:
     Args:
         layers: the layers to measure (see :func:`grad_guard.core.layers.group_parameters`).
         norm_type: p of the p-norm, ``2.0`` by default, ``float('inf')`` for the max-norm.
+        process_group: for FSDP1 (flat parameters sharded over this group): the gradients
+            are each rank's slice, and their ``|g|^p`` sums are all-reduced over the group
+            once per pass. A layer then counts as having a gradient when this rank holds
+            a slice of it or holds none of its parameter (the slice is on another rank).
+            ``None`` (default) for complete tensors and ``DTensor`` (which carries its own
+            mesh).
 
     Raises:
         ValueError: if ``norm_type`` is not positive.
@@ -251,15 +293,21 @@ class GradientStatsComputer:
         >>> model(torch.ones(2, 3)).sum().backward()
         >>> stats = GradientStatsComputer(group_parameters(model))()
         >>> stats.layer_names, round(stats.total_norm.item(), 4)
-        (('(root)',), 4.899)
+        (('(root)',), 4.0)
     """
 
-    def __init__(self, layers: Sequence[Layer], norm_type: float = 2.0) -> None:
+    def __init__(
+        self, layers: Sequence[Layer], norm_type: float = 2.0, process_group: Any = None
+    ) -> None:
         self.layers = tuple(layers)
         self.norm_type = validate_norm_type(norm_type)
+        self.process_group = process_group
         self.layer_names = tuple(layer.name for layer in self.layers)
         self._names = [layer.param_names for layer in self.layers]
-        self._computer = LayerNormComputer(len(self.layers), self.norm_type)
+        device = next((p.device for layer in self.layers for p in layer.params), None)
+        self._computer = LayerNormComputer(
+            len(self.layers), self.norm_type, process_group=process_group, device=device
+        )
         self.passes = 0  # how many statistics passes this object has made
 
     @property
@@ -287,7 +335,7 @@ class GradientStatsComputer:
         self.passes += 1
         return GradientStats(
             layer_names=self.layer_names,
-            has_grad=tuple(bool(g) for g in grads_per_layer),
+            has_grad=self._has_grad(grads_per_layer),
             layer_norms=layer_norms,
             total_norm=total_from_layer_norms(layer_norms, self.norm_type),
             nonfinite=~torch.isfinite(layer_norms),
@@ -295,6 +343,15 @@ class GradientStatsComputer:
             grads=flat_grads,
             params=flat_params,
             layer_grads=local_per_layer,
+        )
+
+    def _has_grad(self, grads_per_layer: list[list[Tensor]]) -> tuple[bool, ...]:
+        if self.process_group is None:
+            return tuple(bool(g) for g in grads_per_layer)
+        # FSDP1 leaves `grad=None` on parameters whose slice lives on another rank
+        return tuple(
+            bool(grads) or any(p.numel() == 0 for p in layer.params)
+            for grads, layer in zip(grads_per_layer, self.layers)
         )
 
     def parameter_norms(self) -> Tensor:

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from grad_guard.core.layers import group_parameters
+from grad_guard.core.stats import GradientStatsComputer, LayerNormComputer, compute_gradient_stats
+
+
+def _model_with_grads(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+    model.to(dtype)
+    model(torch.randn(10, 6, dtype=dtype)).square().sum().backward()
+    return model
+
+
+def _reference(modules, p):
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(
+                torch.cat([q.grad.double().flatten() for q in m.parameters()]), p
+            )
+            for m in modules
+        ]
+    )
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, math.inf])
+def test_layer_and_total_norms_match_independent_computation(norm_type):
+    model = _model_with_grads()
+    stats = compute_gradient_stats(group_parameters(model), norm_type)
+    expected = _reference([model[0], model[2], model[4]], norm_type)
+    torch.testing.assert_close(stats.layer_norms.double(), expected, rtol=1e-5, atol=0)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], norm_type)
+    torch.testing.assert_close(stats.total_norm, total, rtol=1e-5, atol=0)
+    assert stats.layer_names == ("0", "2", "4")
+    assert not stats.nonfinite.any()
+
+
+def test_half_precision_gradients_do_not_overflow_the_norm():
+    layer = nn.Linear(512, 512).half()
+    layer.weight.grad = torch.full_like(layer.weight, 200.0)  # norm 102400 > fp16 max
+    stats = compute_gradient_stats(group_parameters(layer))
+    assert stats.layer_norms.dtype == torch.float32
+    assert stats.layer_norms[0].item() == pytest.approx(200.0 * 512, rel=1e-3)
+    assert not stats.nonfinite.any()
+
+
+def test_nonfinite_flags_name_the_layer():
+    model = _model_with_grads()
+    model[2].weight.grad[3, 4] = float("nan")
+    model[4].bias.grad[0] = float("inf")
+    stats = compute_gradient_stats(group_parameters(model))
+    assert stats.nonfinite.tolist() == [False, True, True]
+    assert bool(stats.any_nonfinite)
+
+
+def test_layers_without_gradient_are_marked_and_zero():
+    model = _model_with_grads()
+    model[2].weight.grad = None
+    model[2].bias.grad = None
+    stats = compute_gradient_stats(group_parameters(model))
+    assert stats.has_grad == (True, False, True)
+    assert stats.layer_norms[1].item() == 0.0
+    assert set(stats.to_dict()) == {"0", "4"}
+    assert len(stats.grads) == 4
+
+
+def test_computer_reuses_index_tensors_across_steps():
+    model = _model_with_grads()
+    computer = GradientStatsComputer(group_parameters(model))
+    first = computer()
+    cache_size = len(computer._computer._index_cache)
+    for p in model.parameters():
+        p.grad.mul_(2)
+    second = computer()
+    assert len(computer._computer._index_cache) == cache_size
+    torch.testing.assert_close(second.layer_norms, 2 * first.layer_norms)
+    assert computer.passes == 2
+
+
+def test_sparse_gradient_is_left_out_with_one_warning():
+    embedding = nn.Embedding(10, 3, sparse=True)
+    linear = nn.Linear(3, 1)
+    model = nn.ModuleDict({"embedding": embedding, "linear": linear})
+    linear(embedding(torch.tensor([1, 2]))).sum().backward()
+    computer = GradientStatsComputer(group_parameters(model))
+    with pytest.warns(UserWarning, match="embedding.weight"):
+        stats = computer()
+    assert stats.layer_norms[0].item() == 0.0
+    assert stats.layer_norms[1].item() > 0
+
+
+def test_mixed_dtypes_are_grouped_and_combined():
+    a = torch.ones(4, dtype=torch.float16)
+    b = torch.ones(9, dtype=torch.float64)
+    norms = LayerNormComputer(1)([[a, b]])
+    assert norms.item() == pytest.approx(math.sqrt(13))
+
+
+@pytest.mark.parametrize("norm_type", [0, -1, "l2", float("nan")])
+def test_invalid_norm_type(norm_type):
+    with pytest.raises(ValueError, match="`norm_type`"):
+        GradientStatsComputer([], norm_type)
