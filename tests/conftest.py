@@ -9,6 +9,17 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 @pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    # tiny models: intra-op threads only add contention on a 2-core CI machine
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_lightning():
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")

@@ -1,0 +1,187 @@
+"""``GradGuard``: monitoring, anomaly detection and clipping in one callback, one pass."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from torch.optim import Optimizer
+
+from grad_guard.callbacks.base import GradGuardCallback
+from grad_guard.callbacks.clipping import AdaptiveGradientClipping
+from grad_guard.callbacks.detection import GradientAnomalyDetection
+from grad_guard.callbacks.monitor import GradientNormMonitor
+from grad_guard.core.clip import ClipAlgorithm
+from grad_guard.loggers import is_global_zero
+
+
+class GradGuard(GradGuardCallback):
+    r"""Watch, protect and explain a training run's gradients with one callback.
+
+    ``GradGuard`` composes the three stand-alone callbacks and runs them in the order that
+    makes each step safe: statistics of the raw (unscaled, unclipped) gradients → anomaly
+    detection and its action (a skipped step is not clipped) → clipping → logging. The
+    parts share one statistics pass per optimizer step: the gradients are read once. At
+    the end of ``fit`` it prints a health report with a diagnosis and writes it as
+    ``grad_guard_report.json`` / ``.md`` next to the logs.
+
+    Args:
+        monitor: ``True`` for a default :class:`GradientNormMonitor`, a configured one, or
+            ``False`` to log nothing per layer.
+        detection: ``True`` for a default :class:`GradientAnomalyDetection` (skip non-finite
+            steps, warn on exploding/vanishing), a configured one, or ``False``.
+        clipping: a clipping algorithm (``ZClip()``, ``AutoClip()``, ``AGC()``,
+            ``NormClip(1.0)``...), its string shortcut (``"zscore"``, ``"autoclip"``,
+            ``"agc"``, ``"norm"``, ``"value"``), a configured
+            :class:`AdaptiveGradientClipping`, or ``None`` not to clip. Default ``"zscore"``:
+            ZClip only acts on spikes, after a warm-up, so healthy runs are untouched.
+        log_every_n_steps: logging interval for every part that was built from defaults
+            (``None``: the Trainer's ``log_every_n_steps``).
+        report: print the health report at the end of ``fit`` and write it to the logger's
+            directory.
+        report_dir: where to write the report files instead (default: the first logger's
+            ``log_dir``, else the Trainer's ``default_root_dir``).
+
+    Raises:
+        ValueError: if a part is of the wrong type; the message names the argument.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from grad_guard import GradGuard, GradientAnomalyDetection, AutoClip
+
+        trainer = Trainer(callbacks=[GradGuard()])  # sensible defaults
+        trainer = Trainer(callbacks=[GradGuard(
+            detection=GradientAnomalyDetection(on_nonfinite="raise"),
+            clipping=AutoClip(percentile=10.0),
+        )])
+
+    >>> guard = GradGuard(clipping=None)
+    >>> [type(part).__name__ for part in guard.parts]
+    ['GradientAnomalyDetection', 'GradientNormMonitor']
+    """
+
+    def __init__(
+        self,
+        monitor: GradientNormMonitor | bool = True,
+        detection: GradientAnomalyDetection | bool = True,
+        clipping: AdaptiveGradientClipping | ClipAlgorithm | str | None = "zscore",
+        log_every_n_steps: int | None = None,
+        report: bool = True,
+        report_dir: str | None = None,
+    ) -> None:
+        interval = {"log_every_n_steps": log_every_n_steps}
+        self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
+        self.detection = _part("detection", detection, GradientAnomalyDetection, interval)
+        if clipping is None or isinstance(clipping, AdaptiveGradientClipping):
+            self.clipping = clipping
+        elif isinstance(clipping, (ClipAlgorithm, str)):
+            self.clipping = AdaptiveGradientClipping(clipping, log_every_n_steps=log_every_n_steps)
+        else:
+            raise ValueError(
+                "`clipping` must be a ClipAlgorithm, one of its string shortcuts, an "
+                f"AdaptiveGradientClipping or None, got {clipping!r}"
+            )
+        reference = self.monitor or self.detection or self.clipping
+        super().__init__(
+            granularity=reference.granularity if reference else "module",
+            norm_type=reference.norm_type if reference else 2.0,
+        )
+        self.log_every_n_steps = log_every_n_steps
+        self.report = bool(report)
+        self.report_dir = report_dir
+        self.last_report: Any = None
+
+    @property
+    def parts(self) -> list[GradGuardCallback]:
+        """The enabled parts, in the order they act within a step."""
+        ordered = (self.detection, self.clipping, self.monitor)
+        return [part for part in ordered if part is not None]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(parts=[part.state_key for part in self.parts])
+
+    def layout_charts(self) -> dict[str, list[str]]:
+        charts: dict[str, list[str]] = {}
+        for part in self.parts:
+            charts.update(part.layout_charts())
+        return charts
+
+    # Each hook forwards to the parts; the shared pass keeps them on one read of the grads.
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for part in self.parts:
+            part.setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        for part in self.parts:
+            part.on_fit_start(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
+        for part in self.parts:
+            part.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        for part in self.parts:
+            part.on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        for part in self.parts:
+            part.on_train_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        for part in self.parts:
+            part.on_fit_end(trainer, pl_module)
+        if self.report and is_global_zero(trainer):
+            try:
+                self.last_report = self._write_report(trainer, pl_module)
+            except Exception as err:  # a report must never cost the user their run
+                warnings.warn(f"grad_guard: could not build the health report: {err!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self._named_parts().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, part in self._named_parts().items():
+            if name in state_dict:
+                part.load_state_dict(state_dict[name])
+
+    def _named_parts(self) -> dict[str, GradGuardCallback]:
+        named = {"monitor": self.monitor, "detection": self.detection, "clipping": self.clipping}
+        return {name: part for name, part in named.items() if part is not None}
+
+    def _write_report(self, trainer: Any, pl_module: Any) -> Any:
+        from grad_guard.report import build_report
+
+        history = getattr(self.monitor, "history", None)
+        if history is None:
+            return None
+        report = build_report(
+            history,
+            model=pl_module,
+            precision=str(getattr(trainer, "precision", "")) or None,
+            counts=self.detection.counts if self.detection else None,
+            clipped_fraction=self.clipping.clipped_fraction if self.clipping else None,
+            events=self.detection.events if self.detection else None,
+        )
+        report.print()
+        report.write(self._report_directory(trainer))
+        return report
+
+    def _report_directory(self, trainer: Any) -> str:
+        if self.report_dir:
+            return self.report_dir
+        logger = getattr(trainer, "logger", None)
+        log_dir = getattr(logger, "log_dir", None)
+        return log_dir or os.path.join(str(trainer.default_root_dir), "grad_guard")
+
+
+def _part(argument: str, value: Any, cls: type, defaults: dict[str, Any]) -> Any:
+    if value is True:
+        return cls(**defaults)
+    if value is False or value is None:
+        return None
+    if isinstance(value, cls):
+        return value
+    raise ValueError(f"`{argument}` must be True, False or a {cls.__name__}, got {value!r}")
