@@ -63,6 +63,8 @@ def test_guard_logs_pre_clip_norms_and_writes_report(tmp_path):
     with open(os.path.join(t.logger.log_dir, "grad_guard_report.json")) as f:
         data = json.load(f)
     assert data["totals"]["clipped_fraction"] == pytest.approx(1.0)
+    for picture in ("gradient_heatmap.png", "gradient_flow.png"):
+        assert os.path.getsize(os.path.join(t.logger.log_dir, picture)) > 1000
 
 
 def test_parts_can_be_turned_off(tmp_path):

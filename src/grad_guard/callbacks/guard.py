@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -40,8 +39,9 @@ class GradGuard(GradGuardCallback):
             (``None``: the Trainer's ``log_every_n_steps``).
         report: print the health report at the end of ``fit`` and write it to the logger's
             directory.
-        report_dir: where to write the report files instead (default: the first logger's
-            ``log_dir``, else the Trainer's ``default_root_dir``).
+        report_dir: where to write the report files instead (default: the logger's
+            ``log_dir``). The heatmap and gradient-flow PNGs go there too when matplotlib
+            is installed.
 
     Raises:
         ValueError: if a part is of the wrong type; the message names the argument.
@@ -152,29 +152,20 @@ class GradGuard(GradGuardCallback):
         return {name: part for name, part in named.items() if part is not None}
 
     def _write_report(self, trainer: Any, pl_module: Any) -> Any:
-        from grad_guard.report import build_report
+        from grad_guard.report import report_for_trainer
 
         history = getattr(self.monitor, "history", None)
         if history is None:
             return None
-        report = build_report(
+        return report_for_trainer(
+            trainer,
+            pl_module,
             history,
-            model=pl_module,
-            precision=str(getattr(trainer, "precision", "")) or None,
+            directory=self.report_dir,
             counts=self.detection.counts if self.detection else None,
             clipped_fraction=self.clipping.clipped_fraction if self.clipping else None,
             events=self.detection.events if self.detection else None,
         )
-        report.print()
-        report.write(self._report_directory(trainer))
-        return report
-
-    def _report_directory(self, trainer: Any) -> str:
-        if self.report_dir:
-            return self.report_dir
-        logger = getattr(trainer, "logger", None)
-        log_dir = getattr(logger, "log_dir", None)
-        return log_dir or os.path.join(str(trainer.default_root_dir), "grad_guard")
 
 
 def _part(argument: str, value: Any, cls: type, defaults: dict[str, Any]) -> Any:
