@@ -9,6 +9,7 @@ from lightning.pytorch import Callback
 from torch.optim import Optimizer
 
 from grad_guard.callbacks import shared_pass
+from grad_guard.callbacks.strategy import check_strategy
 from grad_guard.core.layers import Granularity, validate_granularity
 from grad_guard.core.stats import validate_norm_type
 from grad_guard.loggers import warn_if_no_logger
@@ -29,6 +30,7 @@ class GradGuardCallback(Callback):
         self.norm_type = validate_norm_type(norm_type)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        check_strategy(getattr(trainer, "strategy", None), getattr(trainer, "callbacks", ()))
         if stage == "fit":
             shared_pass.reset(trainer)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from grad_guard.callbacks.strategy import flat_shard_group
 from grad_guard.core.layers import Granularity, group_parameters
 from grad_guard.core.stats import GradientStats, GradientStatsComputer
 
@@ -101,7 +102,9 @@ def step_context(
         layers = group_parameters(
             pl_module, granularity, parameters=optimizer_parameters(optimizer)
         )
-        computer = entry.computers[key] = GradientStatsComputer(layers, norm_type)
+        computer = entry.computers[key] = GradientStatsComputer(
+            layers, norm_type, process_group=flat_shard_group(trainer)
+        )
     step = int(trainer.global_step)
     cached = entry.current.get(key)
     if cached is not None and cached[0] == step:

@@ -73,7 +73,16 @@ def compile_patterns(argument: str, patterns: str | Sequence[str] | None) -> lis
     return compiled
 
 
+# Path components added by wrappers (FSDP1 units, activation checkpointing): left out of
+# layer names, so a layer keeps the name it has in the unwrapped model.
+_WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def _layer_name(module_path: str, param_name: str, granularity: Granularity) -> str:
+    if module_path and any(part in _WRAPPER_COMPONENTS for part in module_path.split(".")):
+        module_path = ".".join(
+            part for part in module_path.split(".") if part not in _WRAPPER_COMPONENTS
+        )
     if granularity == "parameter":
         return f"{module_path}.{param_name}" if module_path else param_name
     if not module_path:

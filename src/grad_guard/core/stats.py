@@ -146,33 +146,45 @@ class LayerNormComputer:
         """Return the ``[num_layers]`` tensor of per-layer norms of ``tensors_per_layer``."""
         # (reduce key, device, dtype) -> (local tensors, their layer indices)
         groups: dict[tuple, tuple[list[Tensor], list[int]]] = {}
+        # every reduce key met, empty shards included, in the order met: the same on every
+        # rank, so that every rank makes the same collectives in the same order
+        reduce_keys: dict[object, None] = {}
+        if self.process_group is not None:
+            reduce_keys[_FLAT_SHARDS] = None  # joined even by a rank that holds no slice
+        dtypes: set[torch.dtype] = set()
+        device = None
         for layer_index, tensors in enumerate(tensors_per_layer):
             for position, tensor in enumerate(tensors):
                 reduce_key, local = self._localize(tensor)
                 if local.is_sparse:
                     self._warn_sparse(tensor, names_per_layer, layer_index, position)
                     continue
+                reduce_keys.setdefault(reduce_key, None)
+                dtypes.add(local.dtype)
+                device = device or local.device
+                if local.numel() == 0:
+                    # an empty shard adds nothing (and the inf-norm of it is an error)
+                    continue
                 key = (reduce_key, local.device, local.dtype)
                 locals_, indices = groups.setdefault(key, ([], []))
                 locals_.append(local)
                 indices.append(layer_index)
 
-        device = next((key[1] for key in groups), self.device or torch.device("cpu"))
-        acc_dtype = torch.float64 if any(k[2] == torch.float64 for k in groups) else torch.float32
+        device = device or self.device or torch.device("cpu")
+        acc_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         p = self.norm_type
-        # one accumulator per reduce key: None = complete tensors, else what to reduce over
-        accumulators: dict[object, Tensor] = {}
-        if self.process_group is not None:
-            # every rank must join the collective, and with the same dtype, whatever it holds
-            accumulators[_FLAT_SHARDS] = torch.zeros(
-                self.num_layers, device=device, dtype=torch.float64
+        # one accumulator per reduce key: None = complete tensors, else what to reduce over;
+        # flat shards reduce in float64 whatever this rank holds, so the dtypes always match
+        accumulators = {
+            key: torch.zeros(
+                self.num_layers,
+                device=device,
+                dtype=torch.float64 if key is _FLAT_SHARDS else acc_dtype,
             )
+            for key in reduce_keys
+        }
         for (reduce_key, group_device, dtype), (locals_, indices) in groups.items():
-            acc = accumulators.get(reduce_key)
-            if acc is None:
-                acc = accumulators[reduce_key] = torch.zeros(
-                    self.num_layers, device=device, dtype=acc_dtype
-                )
+            acc = accumulators[reduce_key]
             norms = _foreach_norms(locals_, p, group_device, dtype)
             values = torch.stack(norms).to(device=device, dtype=acc.dtype)
             index = self._index(device, indices)
@@ -278,8 +290,9 @@ class GradientStatsComputer:
         norm_type: p of the p-norm, ``2.0`` by default, ``float('inf')`` for the max-norm.
         process_group: for FSDP1 (flat parameters sharded over this group): the gradients
             are each rank's slice, and their ``|g|^p`` sums are all-reduced over the group
-            once per pass. A layer then counts as having a gradient when this rank holds
-            a slice of it or holds none of its parameter (the slice is on another rank).
+            once per pass, so ``layer_norms`` and ``total_norm`` are those of the full
+            gradients on every rank. ``has_grad``, ``grads`` and ``params`` stay local: a
+            layer whose slice lies wholly on another rank has ``has_grad`` False here.
             ``None`` (default) for complete tensors and ``DTensor`` (which carries its own
             mesh).
 
@@ -335,7 +348,7 @@ class GradientStatsComputer:
         self.passes += 1
         return GradientStats(
             layer_names=self.layer_names,
-            has_grad=self._has_grad(grads_per_layer),
+            has_grad=tuple(bool(g) for g in grads_per_layer),
             layer_norms=layer_norms,
             total_norm=total_from_layer_norms(layer_norms, self.norm_type),
             nonfinite=~torch.isfinite(layer_norms),
@@ -343,15 +356,6 @@ class GradientStatsComputer:
             grads=flat_grads,
             params=flat_params,
             layer_grads=local_per_layer,
-        )
-
-    def _has_grad(self, grads_per_layer: list[list[Tensor]]) -> tuple[bool, ...]:
-        if self.process_group is None:
-            return tuple(bool(g) for g in grads_per_layer)
-        # FSDP1 leaves `grad=None` on parameters whose slice lives on another rank
-        return tuple(
-            bool(grads) or any(p.numel() == 0 for p in layer.params)
-            for grads, layer in zip(grads_per_layer, self.layers)
         )
 
     def parameter_norms(self) -> Tensor:
