@@ -35,6 +35,8 @@ _LAZY: dict[str, str] = {
     "GradientStats": "grad_guard.core.stats",
     "compute_gradient_stats": "grad_guard.core.stats",
     "group_parameters": "grad_guard.core.layers",
+    "GradientGuard": "grad_guard.loop",
+    "GuardStep": "grad_guard.loop",
 }
 
 __all__ = [
@@ -44,8 +46,10 @@ __all__ = [
     "GradGuard",
     "GradientAnomalyDetection",
     "GradientAnomalyError",
+    "GradientGuard",
     "GradientNormMonitor",
     "GradientStats",
+    "GuardStep",
     "NormClip",
     "ValueClip",
     "ZClip",
@@ -63,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from grad_guard.core.detect import GradientAnomalyError
     from grad_guard.core.layers import group_parameters
     from grad_guard.core.stats import GradientStats, compute_gradient_stats
+    from grad_guard.loop import GradientGuard, GuardStep
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.strategy import check_strategy
 from grad_guard.core.layers import Granularity, validate_granularity
-from grad_guard.core.stats import validate_norm_type
+from grad_guard.core.stats import NormType, validate_norm_type
 from grad_guard.loggers import warn_if_no_logger
 
 
@@ -24,7 +24,7 @@ class GradGuardCallback(Callback):
         norm_type: p of the gradient p-norm (``2.0``, ``1.0``, ``float("inf")``, ``"inf"``).
     """
 
-    def __init__(self, granularity: Granularity = "module", norm_type: float | str = 2.0) -> None:
+    def __init__(self, granularity: Granularity = "module", norm_type: NormType = 2.0) -> None:
         super().__init__()
         self.granularity = validate_granularity(granularity)
         self.norm_type = validate_norm_type(norm_type)

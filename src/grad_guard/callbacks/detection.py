@@ -29,7 +29,7 @@ from grad_guard.core.events import (
     GradientAnomalyWarning,
 )
 from grad_guard.core.layers import Granularity
-from grad_guard.core.stats import GradientStats
+from grad_guard.core.stats import GradientStats, NormType
 from grad_guard.loggers import SUMMARY, log_scalars, tag, tensorboard_writers, write_layout
 
 try:
@@ -159,7 +159,7 @@ class GradientAnomalyDetection(GradGuardCallback):
         max_consecutive_skips: int = 10,
         log_every_n_steps: int | None = None,
         granularity: Granularity = "module",
-        norm_type: float | str = 2.0,
+        norm_type: NormType = 2.0,
         max_events: int = 1000,
     ) -> None:
         super().__init__(granularity=granularity, norm_type=norm_type)

@@ -14,6 +14,7 @@ from grad_guard._validation import check_int
 from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.base import GradGuardCallback, is_logging_step
 from grad_guard.core.layers import Granularity, compile_patterns
+from grad_guard.core.stats import NormType
 from grad_guard.history import GradientHistory
 from grad_guard.loggers import (
     GRAD_HIST,
@@ -97,7 +98,7 @@ class GradientNormMonitor(GradGuardCallback):
     def __init__(
         self,
         log_every_n_steps: int | None = None,
-        norm_type: float | str = 2.0,
+        norm_type: NormType = 2.0,
         granularity: Granularity = "module",
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,

@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+NormType = float | Literal["inf"]
+"""p of a p-norm: a positive number, or ``"inf"`` (also ``float("inf")``) for the max-norm."""
 _FLAT_SHARDS = "flat_shards"  # reduce key of plain tensors sharded over `process_group`
 
 
