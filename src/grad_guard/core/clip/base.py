@@ -1,0 +1,353 @@
+"""What every clipping algorithm shares: the two entry points, the result, the counters.
+
+An algorithm is used in one of two ways:
+
+* in a plain PyTorch loop, ``clipper(model)`` or ``clipper(parameters)`` between
+  ``loss.backward()`` and ``optimizer.step()``; it reads the gradients once (one
+  ``torch._foreach_norm`` per device and dtype, ``DTensor`` shards reduced to the norm of
+  the full gradient) and returns the pre-clip total norm, like
+  ``torch.nn.utils.clip_grad_norm_``;
+* from a statistics pass that has already been made, ``clipper.clip_stats(stats)`` or
+  ``clipper.clip_(grads, total_norm, params)``, so that a Lightning callback that also
+  logs the norms reads the gradients only once.
+
+Either way the gradients are scaled in place by a coefficient that stays on the device
+(``torch._foreach_mul_`` per device and dtype, as ``clip_grad_norm_`` does): nothing
+asks the host whether to clip, so a step never waits for the accelerator. A gradient
+whose norm is NaN or infinite is left untouched (there is no meaningful rescaling of
+it) and does not enter any running statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._foreach_utils import _has_foreach_support
+
+from grad_guard.core.stats import (
+    GradientStats,
+    LayerNormComputer,
+    local_tensor,
+    total_from_layer_norms,
+)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Added to the norm in the coefficient ``threshold / (norm + EPS)``, as torch does.
+NORM_EPS = 1e-6
+
+
+@dataclass
+class ClipResult:
+    """What one clipping step did. Every field is a scalar tensor on the gradients' device.
+
+    Attributes:
+        pre_norm: total p-norm of the gradients before clipping.
+        post_norm: total p-norm after clipping.
+        threshold: the bound in force this step: a total norm for ``NormClip``,
+            ``AutoClip`` and ``ZClip`` (``inf`` while nothing can be clipped, e.g. during
+            ZClip's warm-up), the per-element bound for ``ValueClip``, the ratio
+            ``clip_factor`` for ``AGC`` (each unit has its own bound).
+        clipped: bool, whether any gradient was changed.
+    """
+
+    pre_norm: Tensor
+    post_norm: Tensor
+    threshold: Tensor
+    clipped: Tensor
+
+
+def _as_parameters(parameters: nn.Module | Iterable[Tensor] | Tensor) -> list[Tensor]:
+    if isinstance(parameters, nn.Module):
+        return list(parameters.parameters())
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    return list(parameters)
+
+
+def scale_grads_(grads: Sequence[Tensor], coefficients: Tensor | Sequence[Tensor]) -> None:
+    """Multiply ``grads`` in place by one coefficient, or by one per gradient.
+
+    Grouped by (device, dtype) so that each group is one ``torch._foreach_mul_`` call;
+    the coefficient is always multiplied in, also when it is 1, because asking whether
+    it is 1 would cost a host-device sync.
+
+    Args:
+        grads: the (local) gradient tensors.
+        coefficients: a scalar tensor, or a sequence of tensors broadcastable to each
+            gradient.
+
+    Example:
+        >>> grads = [torch.ones(2), torch.ones(3)]
+        >>> scale_grads_(grads, torch.tensor(0.5))
+        >>> grads[1]
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+    per_tensor = not isinstance(coefficients, Tensor)
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for i, grad in enumerate(grads):
+        members, coefs = groups.setdefault((grad.device, grad.dtype), ([], []))
+        members.append(grad)
+        if per_tensor:
+            coefs.append(coefficients[i])  # type: ignore[index]
+    for (device, _), (members, coefs) in groups.items():
+        if per_tensor:
+            other: Tensor | list[Tensor] = [c.to(device) for c in coefs]
+        else:
+            other = coefficients.to(device)  # type: ignore[union-attr]
+        if _has_foreach_support(members, device) and not any(g.is_sparse for g in members):
+            torch._foreach_mul_(members, other)
+        else:
+            for j, grad in enumerate(members):
+                grad.mul_(other[j] if per_tensor else other)  # type: ignore[index]
+
+
+def _plain_foreach_group(tensors: Sequence[Tensor]) -> bool:
+    """Whether ``tensors`` are dense, not ``DTensor``, on one device with one dtype."""
+    first = tensors[0]
+    if type(first) is not Tensor and type(first) is not nn.Parameter:
+        return False
+    device, dtype = first.device, first.dtype
+    for t in tensors:
+        if (type(t) is not Tensor and type(t) is not nn.Parameter) or t.is_sparse:
+            return False
+        if t.device != device or t.dtype != dtype:
+            return False
+    return _has_foreach_support(list(tensors), device)
+
+
+def plain_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor | None:
+    """``[len(tensors)]`` norms in one ``torch._foreach_norm`` when the tensors allow it.
+
+    That is: plain dense tensors (no ``DTensor``) on one device, with one dtype. Returns
+    ``None`` otherwise (then :class:`~grad_guard.core.stats.LayerNormComputer` does it).
+    """
+    if not tensors or not _plain_foreach_group(tensors):
+        return None
+    # low-precision norms overflow early (fp16 max is 65504): accumulate in float32
+    dtype = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
+    return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
+
+
+def norm_coefficient(norm: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """``(coefficient, clipped)`` that bring a total ``norm`` down to ``threshold``.
+
+    ``coefficient`` is ``threshold / (norm + 1e-6)`` where ``norm > threshold`` and 1
+    elsewhere, including where ``norm`` is NaN or infinite (such gradients are left for
+    the anomaly detector or the GradScaler to drop). Works elementwise on vectors too.
+
+    Example:
+        >>> norm_coefficient(torch.tensor([4.0, 1.0, float("nan")]), torch.tensor(2.0))[1]
+        tensor([ True, False, False])
+    """
+    clipped = torch.isfinite(norm) & (norm > threshold)
+    coefficient = torch.where(clipped, threshold / (norm + NORM_EPS), torch.ones_like(norm))
+    return coefficient, clipped
+
+
+class ClipAlgorithm:
+    """Base class of the clipping algorithms (not used directly).
+
+    Subclasses implement :meth:`_clip` and, when they keep statistics, ``_state`` and
+    ``_load_state``. The base class provides the two entry points, the counters
+    (``steps``, ``clipped_steps``), ``last`` (the :class:`ClipResult` of the latest step)
+    and ``state_dict()`` / ``load_state_dict()``.
+
+    Attributes:
+        norm_type: p of the total norm the algorithm works on.
+        granularity: which per-layer norms the algorithm wants from a shared statistics
+            pass: ``"module"`` (only the total is used) or ``"parameter"`` (one norm
+            per tensor).
+        process_group: for FSDP1, the group over which the (plain-tensor) gradients are
+            slices of flat parameters, so that norms the algorithm computes itself are
+            summed over it; ``None`` (default) otherwise. ``DTensor`` needs nothing.
+    """
+
+    norm_type: float = 2.0
+    granularity: Literal["module", "parameter"] = "module"
+    #: computes the pre-clip total norm from its own pass (AGC's unit norms)
+    measures_itself: bool = False
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.clipped_steps = torch.zeros((), dtype=torch.long)
+        self.last: ClipResult | None = None
+        self.process_group: Any = None
+        self._computers: dict[tuple, LayerNormComputer] = {}
+        self._indices: dict[tuple, Tensor] = {}
+
+    # -- entry points ------------------------------------------------------------------
+
+    def __call__(self, parameters: nn.Module | Iterable[Tensor] | Tensor) -> Tensor:
+        """Clip the gradients of ``parameters`` in place; return the pre-clip total norm.
+
+        Args:
+            parameters: the model (preferred: AGC then knows the layer types and the
+                output head), an iterable of parameters, or one tensor.
+
+        Returns:
+            The total p-norm of the gradients before clipping (a scalar tensor), as
+            ``torch.nn.utils.clip_grad_norm_`` returns it.
+        """
+        if isinstance(parameters, nn.Module):
+            self.bind(parameters)
+        params = [p for p in _as_parameters(parameters) if p.grad is not None]
+        with torch.no_grad():
+            grads = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
+            if self.measures_itself:
+                return self.clip_(grads, None, params).pre_norm
+            norms = self.tensor_norms([p.grad for p in params])  # type: ignore[misc]
+            total = total_from_layer_norms(norms, self.norm_type)
+            return self.clip_(grads, total, params, norms).pre_norm
+
+    def clip_stats(self, stats: GradientStats) -> ClipResult:
+        """Clip the gradients of a statistics pass in place (no second read for the norm).
+
+        Args:
+            stats: the pass over the gradients to clip, made with this algorithm's
+                ``norm_type`` (and ``granularity="parameter"`` for per-tensor modes, else
+                the per-tensor norms are computed here).
+
+        Returns:
+            The :class:`ClipResult` of this step.
+        """
+        tensor_norms = None
+        if self.granularity == "parameter" and all(len(g) <= 1 for g in stats.layer_grads):
+            # layers without a local gradient (none this step, or a slice on another rank)
+            present = tuple(i for i, grads in enumerate(stats.layer_grads) if grads)
+            if len(present) == len(stats.layer_grads):
+                tensor_norms = stats.layer_norms
+            else:
+                tensor_norms = stats.layer_norms.index_select(
+                    0, self._index(present, stats.layer_norms.device)
+                )
+        return self.clip_(stats.grads, stats.total_norm, stats.params, tensor_norms)
+
+    def clip_(
+        self,
+        grads: Sequence[Tensor],
+        total_norm: Tensor | None,
+        params: Sequence[Tensor] | None = None,
+        tensor_norms: Tensor | None = None,
+    ) -> ClipResult:
+        """Clip ``grads`` in place given their precomputed total norm.
+
+        Args:
+            grads: the gradient tensors to scale (local shards for ``DTensor``).
+            total_norm: their total p-norm (over all shards), a scalar tensor; ``None``
+                to have it computed here (one more read of the gradients, except for
+                AGC, which gets it from its unit norms).
+            params: the parameters the gradients belong to, same order; needed by AGC,
+                and used to reduce per-tensor norms over shards.
+            tensor_norms: ``[len(grads)]`` per-tensor norms, if known (per-tensor modes).
+
+        Returns:
+            The :class:`ClipResult` of this step.
+        """
+        with torch.no_grad():
+            if total_norm is None and not self.measures_itself:
+                sources = grads if params is None else [p.grad for p in params]
+                tensor_norms = self.tensor_norms(sources)  # type: ignore[arg-type]
+                total_norm = total_from_layer_norms(tensor_norms, self.norm_type)
+            if total_norm is not None:
+                total_norm = total_norm.detach()
+            result = self._clip(list(grads), total_norm, params, tensor_norms)  # type: ignore[arg-type]
+        if self.clipped_steps.device != result.clipped.device:
+            self.clipped_steps = self.clipped_steps.to(result.clipped.device)
+        self.clipped_steps = self.clipped_steps + result.clipped.long()
+        self.steps += 1
+        self.last = result
+        return result
+
+    def bind(self, module: nn.Module) -> None:
+        """Learn about the model the gradients come from (AGC needs layer types)."""
+
+    # -- to implement ------------------------------------------------------------------
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        params: Sequence[Tensor] | None,
+        tensor_norms: Tensor | None,
+    ) -> ClipResult:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Tensor]:
+        return {}
+
+    def _load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def tensor_norms(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``[len(tensors)]`` p-norms, one per tensor, reduced over ``DTensor`` shards (and
+        over ``process_group`` for FSDP1 slices)."""
+        if self.process_group is None:
+            norms = plain_norms(tensors, self.norm_type)
+            if norms is not None:
+                return norms
+        return self.norm_computer(len(tensors), self.norm_type)([[t] for t in tensors])
+
+    def norm_computer(self, num_layers: int, norm_type: float) -> LayerNormComputer:
+        """A cached :class:`LayerNormComputer` reducing over this algorithm's shards."""
+        key = (num_layers, norm_type, id(self.process_group))
+        computer = self._computers.get(key)
+        if computer is None:
+            if len(self._computers) > 8:
+                self._computers.clear()
+            computer = LayerNormComputer(num_layers, norm_type, process_group=self.process_group)
+            self._computers[key] = computer
+        return computer
+
+    def _index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
+        key = (positions, device)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) > 8:
+                self._indices.clear()
+            index = torch.tensor(positions, dtype=torch.long, device=device)
+            self._indices[key] = index
+        return index
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Fraction of steps clipped so far (copies one number to the host)."""
+        return float(self.clipped_steps) / self.steps if self.steps else 0.0
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Counters and statistics as tensors (copies), for a checkpoint."""
+        state = {
+            "steps": torch.tensor(self.steps, dtype=torch.long),
+            "clipped_steps": self.clipped_steps.detach().clone(),
+        }
+        state.update({k: v.detach().clone() for k, v in self._state().items()})
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next step continues exactly.
+
+        Raises:
+            ValueError: if the state does not fit this algorithm's configuration.
+        """
+        state = dict(state_dict)
+        self.steps = int(state.pop("steps", 0))
+        self.clipped_steps = torch.as_tensor(state.pop("clipped_steps", 0)).long().clone()
+        self._load_state({k: torch.as_tensor(v).clone() for k, v in state.items()})
+
+    def _arguments(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._arguments().items())
+        return f"{type(self).__name__}({args})"
+
+
+def state_tensor(value: float, like: Tensor) -> Tensor:
+    """A scalar with ``like``'s device and dtype (a constant threshold, say)."""
+    return torch.full((), value, device=like.device, dtype=like.dtype)
