@@ -27,6 +27,11 @@ GRAD_TO_PARAM = "grad_to_param"
 UPDATE_RATIO = "update_ratio"
 GRAD_HIST = "grad_hist"
 SUMMARY = "grad_guard"  # totals, clipping, anomaly counters
+# clipping tags, under SUMMARY (and the optimizer label)
+CLIP_PRE_NORM = "clip/pre_norm"
+CLIP_POST_NORM = "clip/post_norm"
+CLIP_THRESHOLD = "clip/threshold"
+CLIP_CLIPPED_FRACTION = "clip/clipped_fraction"
 
 _layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
 _warned_no_logger: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -14,28 +14,26 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from grad_guard._validation import check_choice, check_int
-from grad_guard.core.clip import (
-    AGC,
-    AutoClip,
-    ClipAlgorithm,
-    ClipResult,
-    NormClip,
-    ValueClip,
-    ZClip,
-)
+from grad_guard.core.clip import ClipAlgorithm, ClipResult, ClipShortcut, resolve_algorithm
 from grad_guard.core.detect import DetectionConfig, GradientAnomalyDetector, judged_for_vanishing
 from grad_guard.core.events import (
+    EXPLODING_ACTIONS,
     KINDS,
+    NONFINITE_ACTIONS,
+    VANISHING_ACTIONS,
     AnomalyEvent,
+    ExplodingAction,
     GradientAnomalyError,
     GradientAnomalyWarning,
+    NonfiniteAction,
+    VanishingAction,
 )
 from grad_guard.core.layers import Granularity, compile_patterns, group_parameters
 from grad_guard.core.stats import (
@@ -45,6 +43,10 @@ from grad_guard.core.stats import (
     validate_norm_type,
 )
 from grad_guard.loggers import (
+    CLIP_CLIPPED_FRACTION,
+    CLIP_POST_NORM,
+    CLIP_PRE_NORM,
+    CLIP_THRESHOLD,
     GRAD_NORM,
     GRAD_TO_PARAM,
     PARAM_NORM,
@@ -53,26 +55,8 @@ from grad_guard.loggers import (
     tag,
 )
 
-# The same tags and choices as the Lightning callbacks (grad_guard.callbacks.clipping and
-# .detection import Lightning, so they are restated here; tests/test_loops.py checks they
-# agree).
-CLIP_PRE_NORM = "clip/pre_norm"
-CLIP_POST_NORM = "clip/post_norm"
-CLIP_THRESHOLD = "clip/threshold"
-CLIP_CLIPPED_FRACTION = "clip/clipped_fraction"
-NONFINITE_ACTIONS = ("skip", "warn", "stop", "raise")
-EXPLODING_ACTIONS = ("warn", "skip", "stop", "raise")
-VANISHING_ACTIONS = ("warn", "stop", "raise")
 COUNTERS = ("nonfinite", "exploding", "vanishing", "skipped_steps")
 MAX_EVENTS = 1000
-
-_CLIP_SHORTCUTS: dict[str, Any] = {
-    "norm": lambda: NormClip(max_norm=1.0),
-    "value": lambda: ValueClip(clip_value=1.0),
-    "autoclip": AutoClip,
-    "zscore": ZClip,
-    "agc": AGC,
-}
 
 
 @dataclass
@@ -202,13 +186,13 @@ class GradientGuard:
         self,
         model: nn.Module,
         optimizer: Optimizer | None = None,
-        clipping: ClipAlgorithm | str | None = "zscore",
+        clipping: ClipAlgorithm | ClipShortcut | None = "zscore",
         detection: bool | DetectionConfig = True,
         writer: Any = None,
         log_every_n_steps: int = 50,
-        on_nonfinite: Literal["skip", "warn", "stop", "raise"] = "skip",
-        on_exploding: Literal["warn", "skip", "stop", "raise"] = "warn",
-        on_vanishing: Literal["warn", "stop", "raise"] = "warn",
+        on_nonfinite: NonfiniteAction = "skip",
+        on_exploding: ExplodingAction = "warn",
+        on_vanishing: VanishingAction = "warn",
         max_consecutive_skips: int = 10,
         norm_type: float | str | None = None,
         granularity: Granularity = "module",
@@ -221,7 +205,7 @@ class GradientGuard:
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.model = unwrap_model(model)
         self.optimizer = optimizer
-        self.clipping = _resolve_clipping(clipping)
+        self.clipping = None if clipping is None else resolve_algorithm(clipping, "clipping")
         if isinstance(detection, bool):
             config = DetectionConfig() if detection else None
         elif isinstance(detection, DetectionConfig):
@@ -610,17 +594,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
-
-
-def _resolve_clipping(clipping: ClipAlgorithm | str | None) -> ClipAlgorithm | None:
-    if clipping is None or isinstance(clipping, ClipAlgorithm):
-        return clipping
-    if not isinstance(clipping, str):
-        raise ValueError(
-            "`clipping` must be a clipping algorithm object (NormClip, ValueClip, AutoClip, ZClip, "
-            f"AGC), one of {', '.join(map(repr, _CLIP_SHORTCUTS))} or None, got {clipping!r}"
-        )
-    return _CLIP_SHORTCUTS[check_choice("clipping", clipping, tuple(_CLIP_SHORTCUTS))]()
 
 
 def _warn_failure(what: str, err: Exception) -> None:

@@ -11,56 +11,28 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from grad_guard._validation import check_choice, check_int
+from grad_guard._validation import check_int
 from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.base import GradGuardCallback, is_logging_step
 from grad_guard.callbacks.strategy import flat_shard_group
 from grad_guard.core.clip import (
-    AGC,
-    AutoClip,
     ClipAlgorithm,
     ClipResult,
-    NormClip,
-    ValueClip,
-    ZClip,
+    ClipShortcut,
+    resolve_algorithm,
 )
-from grad_guard.loggers import SUMMARY, log_scalars, tag, write_layout
-
-#: string shortcut -> the algorithm it builds (with its defaults)
-SHORTCUTS: dict[str, Any] = {
-    "norm": lambda: NormClip(max_norm=1.0),
-    "value": lambda: ValueClip(clip_value=1.0),
-    "autoclip": AutoClip,
-    "zscore": ZClip,
-    "agc": AGC,
-}
-
-PRE_NORM = "clip/pre_norm"
-POST_NORM = "clip/post_norm"
-THRESHOLD = "clip/threshold"
-CLIPPED_FRACTION = "clip/clipped_fraction"
+from grad_guard.loggers import (
+    CLIP_CLIPPED_FRACTION,
+    CLIP_POST_NORM,
+    CLIP_PRE_NORM,
+    CLIP_THRESHOLD,
+    SUMMARY,
+    log_scalars,
+    tag,
+    write_layout,
+)
 
 _UNKNOWN = object()
-
-
-def resolve_algorithm(algorithm: ClipAlgorithm | str) -> ClipAlgorithm:
-    """The algorithm object for ``algorithm`` (an object, or a shortcut of :data:`SHORTCUTS`).
-
-    Raises:
-        ValueError: if ``algorithm`` is neither.
-
-    Example:
-        >>> resolve_algorithm("norm")
-        NormClip(max_norm=1.0, norm_type=2.0, per_parameter=False)
-    """
-    if isinstance(algorithm, ClipAlgorithm):
-        return algorithm
-    if not isinstance(algorithm, str):
-        raise ValueError(
-            f"`algorithm` must be a clipping algorithm object (NormClip, ValueClip, AutoClip, "
-            f"ZClip, AGC) or one of {', '.join(map(repr, SHORTCUTS))}, got {algorithm!r}"
-        )
-    return SHORTCUTS[check_choice("algorithm", algorithm, tuple(SHORTCUTS))]()
 
 
 class AdaptiveGradientClipping(GradGuardCallback):
@@ -134,7 +106,9 @@ class AdaptiveGradientClipping(GradGuardCallback):
     """
 
     def __init__(
-        self, algorithm: ClipAlgorithm | str = "zscore", log_every_n_steps: int | None = None
+        self,
+        algorithm: ClipAlgorithm | ClipShortcut = "zscore",
+        log_every_n_steps: int | None = None,
     ) -> None:
         resolved = resolve_algorithm(algorithm)
         super().__init__(granularity=resolved.granularity, norm_type=resolved.norm_type)
@@ -179,11 +153,11 @@ class AdaptiveGradientClipping(GradGuardCallback):
         prefix = rf"^{SUMMARY}/(optimizer_\d+/)?"
         return {
             "clipping: total gradient norm before / after": [
-                rf"{prefix}{PRE_NORM}$",
-                rf"{prefix}{POST_NORM}$",
+                rf"{prefix}{CLIP_PRE_NORM}$",
+                rf"{prefix}{CLIP_POST_NORM}$",
             ],
-            "clipping: threshold in force": [rf"{prefix}{THRESHOLD}$"],
-            "clipping: fraction of steps clipped": [rf"{prefix}{CLIPPED_FRACTION}$"],
+            "clipping: threshold in force": [rf"{prefix}{CLIP_THRESHOLD}$"],
+            "clipping: fraction of steps clipped": [rf"{prefix}{CLIP_CLIPPED_FRACTION}$"],
         }
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -247,12 +221,13 @@ class AdaptiveGradientClipping(GradGuardCallback):
         self._at_last_log[index] = (algorithm.steps, clipped_now)
         label = shared_pass.optimizer_label(trainer, optimizer)
         metrics = {
-            tag(SUMMARY, PRE_NORM, label): pre,
-            tag(SUMMARY, POST_NORM, label): post,
-            tag(SUMMARY, CLIPPED_FRACTION, label): clipped / max(algorithm.steps - last_steps, 1),
+            tag(SUMMARY, CLIP_PRE_NORM, label): pre,
+            tag(SUMMARY, CLIP_POST_NORM, label): post,
+            tag(SUMMARY, CLIP_CLIPPED_FRACTION, label): clipped
+            / max(algorithm.steps - last_steps, 1),
         }
         if math.isfinite(threshold):
-            metrics[tag(SUMMARY, THRESHOLD, label)] = threshold
+            metrics[tag(SUMMARY, CLIP_THRESHOLD, label)] = threshold
         write_layout(trainer)
         log_scalars(trainer, metrics, shared_pass.training_step(trainer))
 

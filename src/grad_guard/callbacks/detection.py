@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -23,10 +23,16 @@ from grad_guard.core.detect import (
     judged_for_vanishing,
 )
 from grad_guard.core.events import (
+    EXPLODING_ACTIONS,
     KINDS,
+    NONFINITE_ACTIONS,
+    VANISHING_ACTIONS,
     AnomalyEvent,
+    ExplodingAction,
     GradientAnomalyError,
     GradientAnomalyWarning,
+    NonfiniteAction,
+    VanishingAction,
 )
 from grad_guard.core.layers import Granularity
 from grad_guard.core.stats import GradientStats, NormType
@@ -37,9 +43,6 @@ try:
 except ImportError:  # pragma: no cover
     dist = None  # type: ignore[assignment]
 
-NONFINITE_ACTIONS = ("skip", "warn", "stop", "raise")
-EXPLODING_ACTIONS = ("warn", "skip", "stop", "raise")
-VANISHING_ACTIONS = ("warn", "stop", "raise")
 COUNTERS = ("nonfinite", "exploding", "vanishing", "amp_overflow", "skipped_steps")
 EVENTS_TEXT_TAG = f"{SUMMARY}/anomaly_events"
 
@@ -146,9 +149,9 @@ class GradientAnomalyDetection(GradGuardCallback):
 
     def __init__(
         self,
-        on_nonfinite: Literal["skip", "warn", "stop", "raise"] = "skip",
-        on_exploding: Literal["warn", "skip", "stop", "raise"] = "warn",
-        on_vanishing: Literal["warn", "stop", "raise"] = "warn",
+        on_nonfinite: NonfiniteAction = "skip",
+        on_exploding: ExplodingAction = "warn",
+        on_vanishing: VanishingAction = "warn",
         max_total_norm: float | None = None,
         spike_z_threshold: float | None = 6.0,
         spike_window: int = 128,

@@ -11,7 +11,7 @@ from grad_guard.callbacks.base import GradGuardCallback
 from grad_guard.callbacks.clipping import AdaptiveGradientClipping
 from grad_guard.callbacks.detection import GradientAnomalyDetection
 from grad_guard.callbacks.monitor import GradientNormMonitor
-from grad_guard.core.clip import ClipAlgorithm
+from grad_guard.core.clip import ClipAlgorithm, ClipShortcut
 from grad_guard.loggers import is_global_zero
 
 
@@ -66,7 +66,7 @@ class GradGuard(GradGuardCallback):
         self,
         monitor: GradientNormMonitor | bool = True,
         detection: GradientAnomalyDetection | bool = True,
-        clipping: AdaptiveGradientClipping | ClipAlgorithm | str | None = "zscore",
+        clipping: AdaptiveGradientClipping | ClipAlgorithm | ClipShortcut | None = "zscore",
         log_every_n_steps: int | None = None,
         report: bool = True,
         report_dir: str | None = None,

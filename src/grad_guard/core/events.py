@@ -14,6 +14,14 @@ from typing import Any, Literal
 AnomalyKind = Literal["nonfinite", "exploding", "vanishing"]
 KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing")
 
+# What each kind of anomaly may do; "skip" drops the step, which vanishing never needs.
+NonfiniteAction = Literal["skip", "warn", "stop", "raise"]
+ExplodingAction = Literal["warn", "skip", "stop", "raise"]
+VanishingAction = Literal["warn", "stop", "raise"]
+NONFINITE_ACTIONS: tuple[str, ...] = ("skip", "warn", "stop", "raise")
+EXPLODING_ACTIONS: tuple[str, ...] = ("warn", "skip", "stop", "raise")
+VANISHING_ACTIONS: tuple[str, ...] = ("warn", "stop", "raise")
+
 _MAX_NAMED_LAYERS = 8  # longer lists are cut in messages (the event keeps them all)
 
 _ADVICE = {

@@ -26,20 +26,24 @@ from grad_guard.core.clip.agc import AGC, Unit, unit_layout, unitwise_norm
 from grad_guard.core.clip.autoclip import AutoClip, nan_percentile
 from grad_guard.core.clip.base import ClipAlgorithm, ClipResult, norm_coefficient, scale_grads_
 from grad_guard.core.clip.norm import NormClip
+from grad_guard.core.clip.shortcuts import SHORTCUTS, ClipShortcut, resolve_algorithm
 from grad_guard.core.clip.value import ValueClip
 from grad_guard.core.clip.zclip import ZClip
 
 __all__ = [
     "AGC",
+    "SHORTCUTS",
     "AutoClip",
     "ClipAlgorithm",
     "ClipResult",
+    "ClipShortcut",
     "NormClip",
     "Unit",
     "ValueClip",
     "ZClip",
     "nan_percentile",
     "norm_coefficient",
+    "resolve_algorithm",
     "scale_grads_",
     "unit_layout",
     "unitwise_norm",
