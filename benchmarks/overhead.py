@@ -16,6 +16,15 @@ Candidates:
 - ``Lightning grad_norm recipe``: ``lightning.pytorch.utilities.grad_norm`` followed by
   what ``self.log_dict`` does with the values on a logging step (one ``.item()`` per
   parameter, then the logger writes them).
+- ``GradGuard defaults, non-logging step``: detection (one packed flag read per step) and
+  ZClip clipping on top of the shared pass.
+- ``GradGuard everything on, logging step``: defaults plus histograms and update ratio,
+  on a logging step.
+- ``Lightning recipe + gradient_clip_val``: the recipe above plus ``clip_grad_norm_``,
+  what a user without grad_guard pays on a logging step to see norms and clip.
+
+Then an end-to-end ``Trainer.fit`` on the MLP, with and without ``GradGuard()``,
+alternating runs, as a throughput ratio.
 
 Run:  python benchmarks/overhead.py [--rounds 30]
 """
@@ -28,13 +37,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from grad_guard import GradientNormMonitor
+from grad_guard import GradGuard, GradientNormMonitor
 from grad_guard.callbacks import shared_pass
 
 
@@ -70,6 +80,10 @@ def make_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, logdir: str
         log_every_n_steps=50,
         callbacks=[],
         is_global_zero=True,
+        world_size=1,
+        should_stop=False,
+        precision_plugin=None,
+        gradient_clip_val=None,
     )
     return trainer
 
@@ -97,7 +111,15 @@ def bench(name: str, model: nn.Module, rounds: int) -> None:
         trainer.callbacks = [plain]
         step = [0]
 
-        def monitor_step(monitor: GradientNormMonitor, logging: bool) -> Callable[[], None]:
+        guard = GradGuard(report=False)
+        guard_all = GradGuard(
+            monitor=GradientNormMonitor(histogram_every_n_steps=1, image_every_n_steps=None),
+            report=False,
+        )
+        for callback in (guard, guard_all):
+            callback.setup(trainer, model, "fit")
+
+        def monitor_step(monitor: Any, logging: bool) -> Callable[[], None]:
             def run() -> None:
                 step[0] += 1
                 # a fresh step: logging steps are multiples of 50
@@ -115,6 +137,11 @@ def bench(name: str, model: nn.Module, rounds: int) -> None:
             norms = grad_norm(model, norm_type=2)
             recipe_logger.log_metrics({k: v.item() for k, v in norms.items()}, step=0)
 
+        def recipe_and_clip() -> None:
+            lightning_recipe()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            restore()
+
         candidates: dict[str, Callable[[], None]] = {
             "clip_grad_norm_": lambda: (torch.nn.utils.clip_grad_norm_(params, 1.0), restore()),
             "foreach_norm pass": lambda: torch._foreach_norm(grads, 2.0),
@@ -122,6 +149,15 @@ def bench(name: str, model: nn.Module, rounds: int) -> None:
             "monitor, logging step": monitor_step(plain, logging=True),
             "monitor, logging step + update ratio": monitor_step(with_update, logging=True),
             "Lightning grad_norm recipe": lightning_recipe,
+            "GradGuard defaults, non-logging step": lambda: (
+                monitor_step(guard, logging=False)(),
+                restore(),
+            ),
+            "GradGuard everything on, logging step": lambda: (
+                monitor_step(guard_all, logging=True)(),
+                restore(),
+            ),
+            "Lightning recipe + gradient_clip_val": recipe_and_clip,
         }
         restore_cost = []
         for fn in candidates.values():  # warm-up: caches, allocator, writer
@@ -136,8 +172,14 @@ def bench(name: str, model: nn.Module, rounds: int) -> None:
             restore_cost.append(timed(restore))
 
     medians = {k: statistics.median(v) for k, v in times.items()}
-    # clip_grad_norm_'s entry includes the restore copy; take it out
-    medians["clip_grad_norm_"] -= statistics.median(restore_cost)
+    # entries that clip restore the gradients afterwards: take the copy out
+    for key in (
+        "clip_grad_norm_",
+        "GradGuard defaults, non-logging step",
+        "GradGuard everything on, logging step",
+        "Lightning recipe + gradient_clip_val",
+    ):
+        medians[key] -= statistics.median(restore_cost)
     base = medians["clip_grad_norm_"]
     n_params = sum(p.numel() for p in params)
     print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(params)} tensors, {rounds} rounds")
@@ -149,16 +191,73 @@ def bench(name: str, model: nn.Module, rounds: int) -> None:
         f"  monitor logging step vs Lightning recipe: "
         f"{medians['monitor, logging step'] / recipe:.2f}x"
     )
+    print(
+        "  GradGuard everything on (logging step) vs recipe + gradient_clip_val: "
+        f"{medians['GradGuard everything on, logging step'] / medians['Lightning recipe + gradient_clip_val']:.2f}x"
+    )
+
+
+def fit_throughput(steps: int, repeats: int) -> None:
+    """Steps per second of ``Trainer.fit`` with ``GradGuard()`` relative to a bare Trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            (x,) = batch
+            return self.net(x).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+    data = DataLoader(TensorDataset(torch.randn(64 * steps, 350)), batch_size=64)
+    rates: dict[str, list[float]] = {"bare Trainer": [], "GradGuard()": []}
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(repeats):
+            for name in rates:
+                callbacks = [GradGuard(report=False)] if name == "GradGuard()" else []
+                trainer = L.Trainer(
+                    max_steps=steps,
+                    default_root_dir=root,
+                    accelerator="cpu",
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    enable_checkpointing=False,
+                    callbacks=callbacks,
+                )
+                torch.manual_seed(0)
+                module = Module()
+                start = time.perf_counter()
+                trainer.fit(module, data)
+                rates[name].append(steps / (time.perf_counter() - start))
+    bare, guarded = (statistics.median(v) for v in rates.values())
+    print(f"\nTrainer.fit on the MLP, {steps} steps x {repeats} alternating runs (median):")
+    print(f"  bare Trainer {bare:.2f} steps/s, GradGuard() {guarded:.2f} steps/s")
+    print(f"  throughput ratio GradGuard / bare: {guarded / bare:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--fit-steps", type=int, default=30, help="0 skips the fit comparison")
+    parser.add_argument("--fit-repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 gives stable ratios on a shared machine)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     bench("MLP", mlp(), args.rounds)
     bench("Transformer", transformer(), args.rounds)
+    if args.fit_steps:
+        fit_throughput(args.fit_steps, args.fit_repeats)
 
 
 if __name__ == "__main__":

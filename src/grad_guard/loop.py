@@ -53,6 +53,7 @@ from grad_guard.loggers import (
     SUMMARY,
     UPDATE_RATIO,
     tag,
+    write_scalars,
 )
 
 COUNTERS = ("nonfinite", "exploding", "vanishing", "skipped_steps")
@@ -536,6 +537,8 @@ class GradientGuard:
     def _write(self, metrics: dict[str, float], step: int) -> None:
         writer = self.writer
         if writer is None or not metrics:
+            return
+        if write_scalars(writer, metrics, step):
             return
         if callable(getattr(writer, "add_scalar", None)):
             for name, value in metrics.items():
