@@ -173,7 +173,7 @@ class GradientNormMonitor(GradGuardCallback):
         ]
 
         parts = [stats.layer_norms.float(), stats.total_norm.float().reshape(1)]
-        if self.log_param_norms:
+        if self.log_param_norms or self.log_update_ratio:
             parts.append(computer.parameter_norms().float())
         values = torch.cat([p.to(stats.layer_norms.device) for p in parts]).cpu().tolist()
 
@@ -199,16 +199,23 @@ class GradientNormMonitor(GradGuardCallback):
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, stats, mask, label, step)
         if self.log_update_ratio:
-            self._snapshots[id(optimizer)] = (step, label, computer, mask, _weights(computer))
+            weight_norms = values[num_layers + 1 :]
+            self._snapshots[id(optimizer)] = (
+                step,
+                label,
+                computer,
+                mask,
+                _weights(computer),
+                weight_norms,
+            )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         if not self._snapshots:
             return
         snapshots, self._snapshots = self._snapshots, {}
-        for step, label, computer, mask, before in snapshots.values():
-            deltas = _differences(computer, before)
-            both = torch.stack([computer.norms_of(deltas), computer.norms_of(before)])
-            update_norms, weight_norms = both.float().cpu().tolist()
+        for step, label, computer, mask, before, weight_norms in snapshots.values():
+            _subtract_weights_(computer, before)  # `before` now holds -(update)
+            update_norms = computer.norms_of(before).float().cpu().tolist()
             metrics = {
                 tag(UPDATE_RATIO, name, label): update_norms[i] / max(weight_norms[i], 1e-12)
                 for i, name in enumerate(computer.layer_names)
@@ -278,15 +285,10 @@ class GradientNormMonitor(GradGuardCallback):
             self.history.load_state_dict(state_dict["history"])
 
 
-def _differences(computer: Any, before: list[list[Tensor]]) -> list[list[Tensor]]:
-    """Per layer, ``weights now - before`` with one foreach subtraction."""
+def _subtract_weights_(computer: Any, before: list[list[Tensor]]) -> None:
+    """``before -= weights now``, in place in the snapshot: no second copy of the model."""
     now = [p.detach() for layer in computer.layers for p in layer.params]
-    flat = torch._foreach_sub(now, [t for layer in before for t in layer])
-    out, start = [], 0
-    for layer in before:
-        out.append(flat[start : start + len(layer)])
-        start += len(layer)
-    return out
+    torch._foreach_sub_([t for layer in before for t in layer], now)
 
 
 def _weights(computer: Any) -> list[list[Tensor]]:
