@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grad_guard._validation import check_int
+
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu"]
 Init = Literal["default", "xavier", "he"]
 
@@ -41,10 +43,6 @@ LEAKY_RELU_SLOPE = 0.01
 """Negative slope of ``"leaky_relu"`` (PyTorch's default)."""
 
 _WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def _choices(values: Sequence[str]) -> str:
-    return ", ".join(repr(v) for v in values)
 
 
 def validate_choice(argument: str, value: object, allowed: Sequence[str]) -> str:
@@ -61,9 +59,14 @@ def validate_choice(argument: str, value: object, allowed: Sequence[str]) -> str
     Example:
         >>> validate_choice("activation", "relu", ACTIVATIONS)
         'relu'
+        >>> validate_choice("activation", "swish", ACTIVATIONS)
+        Traceback (most recent call last):
+        ...
+        ValueError: `activation` must be one of 'sigmoid', 'tanh', 'relu', 'leaky_relu', 'gelu', got 'swish'
     """
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"`{argument}` must be one of {_choices(allowed)}, got {value!r}")
+        choices = ", ".join(repr(choice) for choice in allowed)
+        raise ValueError(f"`{argument}` must be one of {choices}, got {value!r}")
     return value
 
 
@@ -74,9 +77,7 @@ def validate_int(argument: str, value: object, minimum: int) -> int:
         >>> validate_int("depth", 3, minimum=1)
         3
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(argument, value, minimum)
 
 
 def make_activation(activation: str) -> nn.Module:
