@@ -10,7 +10,8 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 @pytest.fixture(autouse=True)
 def _one_thread_per_test():
-    # tiny models: intra-op threads only add contention on a 2-core CI machine
+    # Tiny models: intra-op threads only add contention on a 2-core machine (OpenMP makes
+    # CPU BatchNorm ~100x slower under load), and divergence tests need reproducible sums.
     import torch
 
     threads = torch.get_num_threads()

@@ -21,14 +21,6 @@ from matplotlib.image import imread
 from grad_guard.plots import heatmap_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sigmoid_logdir(tmp_path_factory):
     """A finished run of an 8-layer sigmoid MLP logged to TensorBoard (no pictures)."""
@@ -72,13 +64,11 @@ def test_report_writes_into_the_run_folder_by_default(sigmoid_logdir, capsys):
 
 
 def test_counters_and_clipping_come_back_from_the_event_files(tmp_path, capsys):
-    detection_module = pytest.importorskip("grad_guard.callbacks.detection")
-    clipping_module = pytest.importorskip("grad_guard.callbacks.clipping")
-    from grad_guard.core.clip import NormClip
+    from grad_guard import AdaptiveGradientClipping, GradientAnomalyDetection, NormClip
     from grad_guard.history import GradientHistory
 
-    detection = detection_module.GradientAnomalyDetection(log_every_n_steps=2)
-    clipping = clipping_module.AdaptiveGradientClipping(NormClip(1e-4), log_every_n_steps=2)
+    detection = GradientAnomalyDetection(log_every_n_steps=2)
+    clipping = AdaptiveGradientClipping(NormClip(1e-4), log_every_n_steps=2)
     monitor = GradientNormMonitor(log_every_n_steps=2, image_every_n_steps=None)
     t = trainer(tmp_path, max_steps=8, callbacks=[monitor, detection, clipping])
     t.fit(TinyModule(), make_loader())

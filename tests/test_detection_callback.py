@@ -24,15 +24,6 @@ from sync_counter import count_host_syncs
 NAN_STEP = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class NaNModule(TinyModule):
     """TinyModule whose layer ``net.2`` gets a NaN gradient at chosen steps."""
 

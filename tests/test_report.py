@@ -23,15 +23,6 @@ from grad_guard.report import (
 pytestmark = pytest.mark.filterwarnings("ignore:grad_guard. the Trainer has no logger")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two OpenMP threads on a busy 2-core machine make BatchNorm 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loader():
     try:
         return digits_loader(batch_size=64, drop_last=True)

@@ -123,6 +123,46 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> bool:
     return True
 
 
+_OPTIMIZER = r"(optimizer_\d+/)?"  # the optional optimizer level of a tag
+
+
+def monitor_charts(param_norms: bool = True, update_ratio: bool = True) -> dict[str, list[str]]:
+    """Custom-scalars charts of the per-layer quantities: title -> tag regexes."""
+    charts = {
+        "gradient norm per layer": [rf"^{GRAD_NORM}/"],
+        "total gradient norm": [rf"^{SUMMARY}/{_OPTIMIZER}total_grad_norm$"],
+    }
+    if param_norms:
+        charts["parameter norm per layer"] = [rf"^{PARAM_NORM}/"]
+        charts["gradient / parameter norm"] = [rf"^{GRAD_TO_PARAM}/"]
+    if update_ratio:
+        charts["update / parameter ratio (healthy ~1e-3)"] = [rf"^{UPDATE_RATIO}/"]
+    return charts
+
+
+def clipping_charts() -> dict[str, list[str]]:
+    """Custom-scalars charts of a clipper."""
+    prefix = rf"^{SUMMARY}/{_OPTIMIZER}"
+    return {
+        "clipping: total gradient norm before / after": [
+            rf"{prefix}{CLIP_PRE_NORM}$",
+            rf"{prefix}{CLIP_POST_NORM}$",
+        ],
+        "clipping: threshold in force": [rf"{prefix}{CLIP_THRESHOLD}$"],
+        "clipping: fraction of steps clipped": [rf"{prefix}{CLIP_CLIPPED_FRACTION}$"],
+    }
+
+
+def anomaly_charts() -> dict[str, list[str]]:
+    """Custom-scalars charts of anomaly detection."""
+    return {"anomalies (steps)": [rf"^{SUMMARY}/anomalies/", rf"^{SUMMARY}/skipped_steps$"]}
+
+
+def custom_scalars_layout(charts: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The ``add_custom_scalars`` layout: one "grad_guard" category of multiline charts."""
+    return {"grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}}
+
+
 def layout_charts(trainer: Any) -> dict[str, list[str]]:
     """Multiline charts wanted by all grad_guard callbacks of ``trainer``: title -> regexes."""
     charts: dict[str, list[str]] = {}
@@ -147,10 +187,7 @@ def write_layout(trainer: Any) -> None:
         charts = layout_charts(trainer)
         if not charts:
             continue
-        layout = {
-            "grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}
-        }
-        writer.add_custom_scalars(layout)
+        writer.add_custom_scalars(custom_scalars_layout(charts))
         _layout_written.add(writer)
 
 

@@ -52,6 +52,10 @@ from grad_guard.loggers import (
     PARAM_NORM,
     SUMMARY,
     UPDATE_RATIO,
+    anomaly_charts,
+    clipping_charts,
+    custom_scalars_layout,
+    monitor_charts,
     tag,
     write_scalars,
 )
@@ -165,6 +169,7 @@ class GradientGuard:
     Example:
         >>> import torch
         >>> from torch import nn
+        >>> from grad_guard import NormClip
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> guard = GradientGuard(model, optimizer, clipping=NormClip(max_norm=1.0))
@@ -553,30 +558,12 @@ class GradientGuard:
         writer = self.writer
         if not callable(getattr(writer, "add_custom_scalars", None)):
             return
-        charts = {
-            "gradient norm per layer": [rf"^{GRAD_NORM}/"],
-            "total gradient norm": [rf"^{SUMMARY}/total_grad_norm"],
-        }
-        if self.log_param_norms:
-            charts["parameter norm per layer"] = [rf"^{PARAM_NORM}/"]
-            charts["gradient / parameter norm"] = [rf"^{GRAD_TO_PARAM}/"]
-        if self.log_update_ratio:
-            charts["update / parameter ratio (healthy ~1e-3)"] = [rf"^{UPDATE_RATIO}/"]
+        charts = monitor_charts(self.log_param_norms, self.log_update_ratio)
         if self.clipping is not None:
-            charts["clipping: total gradient norm before / after"] = [
-                rf"^{SUMMARY}/{CLIP_PRE_NORM}$",
-                rf"^{SUMMARY}/{CLIP_POST_NORM}$",
-            ]
-            charts["clipping: threshold in force"] = [rf"^{SUMMARY}/{CLIP_THRESHOLD}$"]
+            charts.update(clipping_charts())
         if self._detector is not None:
-            charts["anomalies (steps)"] = [
-                rf"^{SUMMARY}/anomalies/",
-                rf"^{SUMMARY}/skipped_steps$",
-            ]
-        layout = {
-            "grad_guard": {title: ["Multiline", regexes] for title, regexes in charts.items()}
-        }
-        writer.add_custom_scalars(layout)
+            charts.update(anomaly_charts())
+        writer.add_custom_scalars(custom_scalars_layout(charts))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

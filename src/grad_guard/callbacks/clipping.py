@@ -27,6 +27,7 @@ from grad_guard.loggers import (
     CLIP_PRE_NORM,
     CLIP_THRESHOLD,
     SUMMARY,
+    clipping_charts,
     log_scalars,
     tag,
     write_layout,
@@ -150,15 +151,7 @@ class AdaptiveGradientClipping(GradGuardCallback):
         return clipped / steps
 
     def layout_charts(self) -> dict[str, list[str]]:
-        prefix = rf"^{SUMMARY}/(optimizer_\d+/)?"
-        return {
-            "clipping: total gradient norm before / after": [
-                rf"{prefix}{CLIP_PRE_NORM}$",
-                rf"{prefix}{CLIP_POST_NORM}$",
-            ],
-            "clipping: threshold in force": [rf"{prefix}{CLIP_THRESHOLD}$"],
-            "clipping: fraction of steps clipped": [rf"{prefix}{CLIP_CLIPPED_FRACTION}$"],
-        }
+        return clipping_charts()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)

@@ -36,7 +36,14 @@ from grad_guard.core.events import (
 )
 from grad_guard.core.layers import Granularity
 from grad_guard.core.stats import GradientStats, NormType
-from grad_guard.loggers import SUMMARY, log_scalars, tag, tensorboard_writers, write_layout
+from grad_guard.loggers import (
+    SUMMARY,
+    anomaly_charts,
+    log_scalars,
+    tag,
+    tensorboard_writers,
+    write_layout,
+)
 
 try:
     import torch.distributed as dist
@@ -222,7 +229,7 @@ class GradientAnomalyDetection(GradGuardCallback):
         )
 
     def layout_charts(self) -> dict[str, list[str]]:
-        return {"anomalies (steps)": [rf"^{SUMMARY}/anomalies/", rf"^{SUMMARY}/skipped_steps$"]}
+        return anomaly_charts()
 
     # ------------------------------------------------------------------ hooks
 

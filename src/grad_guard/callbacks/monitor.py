@@ -24,6 +24,7 @@ from grad_guard.loggers import (
     SUMMARY,
     UPDATE_RATIO,
     log_scalars,
+    monitor_charts,
     tag,
     tensorboard_writers,
     write_histograms,
@@ -144,16 +145,7 @@ class GradientNormMonitor(GradGuardCallback):
         )
 
     def layout_charts(self) -> dict[str, list[str]]:
-        charts = {
-            "gradient norm per layer": [rf"^{GRAD_NORM}/"],
-            "total gradient norm": [rf"^{SUMMARY}/total_grad_norm"],
-        }
-        if self.log_param_norms:
-            charts["parameter norm per layer"] = [rf"^{PARAM_NORM}/"]
-            charts["gradient / parameter norm"] = [rf"^{GRAD_TO_PARAM}/"]
-        if self.log_update_ratio:
-            charts["update / parameter ratio (healthy ~1e-3)"] = [rf"^{UPDATE_RATIO}/"]
-        return charts
+        return monitor_charts(self.log_param_norms, self.log_update_ratio)
 
     def _wanted(self, name: str) -> bool:
         if self._include and not any(p.search(name) for p in self._include):
