@@ -95,3 +95,15 @@ def test_state_dict_round_trip_and_distinct_keys():
 def test_invalid_parts(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         GradGuard(**kwargs)
+
+
+def test_report_written_but_not_printed(tmp_path, capsys):
+    import os
+
+    guard = GradGuard(clipping=None, print_report=False)
+    t, _, _ = _fit(tmp_path, [guard], steps=2)
+    assert "grad_guard report" not in capsys.readouterr().out
+    assert os.path.exists(os.path.join(t.logger.log_dir, "grad_guard_report.json"))
+    guard = GradGuard(clipping=None)
+    _fit(tmp_path / "printed", [guard], steps=2)
+    assert "grad_guard report" in capsys.readouterr().out

@@ -42,6 +42,7 @@ class GradGuard(GradGuardCallback):
         report_dir: where to write the report files instead (default: the logger's
             ``log_dir``). The heatmap and gradient-flow PNGs go there too when matplotlib
             is installed.
+        print_report: print the report to the console (it is written either way).
 
     Raises:
         ValueError: if a part is of the wrong type; the message names the argument.
@@ -70,6 +71,7 @@ class GradGuard(GradGuardCallback):
         log_every_n_steps: int | None = None,
         report: bool = True,
         report_dir: str | None = None,
+        print_report: bool = True,
     ) -> None:
         interval = {"log_every_n_steps": log_every_n_steps}
         self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
@@ -91,6 +93,7 @@ class GradGuard(GradGuardCallback):
         self.log_every_n_steps = log_every_n_steps
         self.report = bool(report)
         self.report_dir = report_dir
+        self.print_report = bool(print_report)
         self.last_report: Any = None
 
     @property
@@ -161,6 +164,7 @@ class GradGuard(GradGuardCallback):
             trainer,
             pl_module,
             history,
+            print_report=self.print_report,
             directory=self.report_dir,
             counts=self.detection.counts if self.detection else None,
             clipped_fraction=self.clipping.clipped_fraction if self.clipping else None,
