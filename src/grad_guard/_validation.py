@@ -30,6 +30,20 @@ def check_choice(argument: str, value: T, allowed: Collection[T]) -> T:
     return value
 
 
+def check_bool(argument: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool`` (a string like ``"false"`` is not).
+
+    Example:
+        >>> check_bool("report", "false")
+        Traceback (most recent call last):
+        ...
+        ValueError: `report` must be True or False, got 'false'
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{argument}` must be True or False, got {value!r}")
+    return value
+
+
 def check_int(argument: str, value: Any, minimum: int = 1, allow_none: bool = False) -> Any:
     """Return ``value`` if it is an ``int`` >= ``minimum`` (or ``None`` when allowed)."""
     if value is None and allow_none:

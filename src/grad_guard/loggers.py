@@ -53,6 +53,15 @@ def is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
 
+def warn_rank_zero(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` on global rank zero only, so N processes don't warn N times."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    warnings.warn(message, category, stacklevel=3)
+
+
 def tensorboard_writers(trainer: Any) -> list[Any]:
     """The ``SummaryWriter`` of every TensorBoard logger of ``trainer`` (rank zero only)."""
     if not is_global_zero(trainer):
@@ -72,11 +81,10 @@ def warn_if_no_logger(trainer: Any) -> None:
     if getattr(trainer, "loggers", None) or trainer in _warned_no_logger:
         return
     _warned_no_logger.add(trainer)
-    warnings.warn(
+    warn_rank_zero(
         "grad_guard: the Trainer has no logger, so gradient statistics are computed for "
         "detection/clipping/report only and nothing is logged. Pass `logger=True` or a "
         "TensorBoardLogger to see them.",
-        stacklevel=2,
     )
 
 
@@ -233,6 +241,7 @@ def write_histograms(
         return 0
     written = 0
     for name, tensors in histograms:
+        tensors = [t for t in tensors if not t.is_sparse]  # left out of the norms too
         if not tensors:
             continue
         data = histogram_buckets(torch.cat([t.detach().reshape(-1) for t in tensors]), bins)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from lightning.pytorch import Callback
@@ -12,7 +11,7 @@ from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.strategy import check_strategy
 from grad_guard.core.layers import Granularity, validate_granularity
 from grad_guard.core.stats import NormType, validate_norm_type
-from grad_guard.loggers import warn_if_no_logger
+from grad_guard.loggers import warn_if_no_logger, warn_rank_zero
 
 
 class GradGuardCallback(Callback):
@@ -64,12 +63,11 @@ def _warn_if_fused_under_amp(trainer: Any) -> None:
             and id(optimizer) not in _warned_fused
         ):
             _warned_fused.add(id(optimizer))
-            warnings.warn(
+            warn_rank_zero(
                 f"grad_guard: {type(optimizer).__name__} unscales gradients inside `step()` "
                 "(fused optimizer), so at `on_before_optimizer_step` the gradients are still "
                 "multiplied by the GradScaler's scale: logged norms are scaled and clipping "
                 "thresholds act on scaled values. Use `fused=False` for correct numbers.",
-                stacklevel=2,
             )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from grad_guard.loggers import (
     clipping_charts,
     log_scalars,
     tag,
+    warn_rank_zero,
     write_layout,
 )
 
@@ -129,7 +129,9 @@ class AdaptiveGradientClipping(GradGuardCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(algorithm=repr(self.algorithm))
+        return self._generate_state_key(
+            algorithm=repr(self._template), log_every_n_steps=self.log_every_n_steps
+        )
 
     @property
     def algorithms(self) -> dict[int, ClipAlgorithm]:
@@ -158,14 +160,15 @@ class AdaptiveGradientClipping(GradGuardCallback):
         clip_val = getattr(trainer, "gradient_clip_val", None)
         if clip_val and not self._warned_double_clipping:
             self._warned_double_clipping = True
-            warnings.warn(
+            warn_rank_zero(
                 f"grad_guard: AdaptiveGradientClipping({self.algorithm!r}) and "
                 f"Trainer(gradient_clip_val={clip_val}) both clip: Lightning clips again after "
                 "this callback. Remove `gradient_clip_val` (or use NormClip here).",
-                stacklevel=2,
             )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
+        # other grad_guard callbacks measuring differently must see the raw gradients too
+        shared_pass.raw_passes_first(trainer, pl_module, optimizer)
         context = self.step_context(trainer, pl_module, optimizer)
         if context.skipped:
             return
@@ -179,7 +182,10 @@ class AdaptiveGradientClipping(GradGuardCallback):
         context.post_clip_total_norm = result.post_norm
         context.clip_threshold = result.threshold
         if is_logging_step(trainer, self.log_every_n_steps):
-            self._log(trainer, optimizer, index, algorithm, result)
+            try:
+                self._log(trainer, optimizer, index, algorithm, result)
+            except Exception as err:  # logging must never kill training
+                warn_rank_zero(f"grad_guard: could not log clipping this step ({err!r}).")
 
     def _algorithm(self, index: int) -> ClipAlgorithm:
         algorithm = self._algorithms.get(index)
@@ -231,12 +237,12 @@ class AdaptiveGradientClipping(GradGuardCallback):
         return {"algorithms": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Forget what was learnt since construction (an LR finder's search restores a
+        # checkpoint taken before any step): optimizers without saved state start fresh.
+        self.algorithm.load_state_dict(self._template.state_dict())
+        self._algorithms = {}
+        self._at_last_log = {}
         self._pending = dict(state_dict.get("algorithms", {}))
-        for index in list(self._pending):
-            if index in self._algorithms:
-                algorithm = self._algorithms[index]
-                algorithm.load_state_dict(self._pending.pop(index))
-                self._at_last_log[index] = (algorithm.steps, algorithm.clipped_steps)
 
 
 def _optimizer_index(trainer: Any, optimizer: Optimizer) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +41,7 @@ from grad_guard.loggers import (
     log_scalars,
     tag,
     tensorboard_writers,
+    warn_rank_zero,
     write_layout,
 )
 
@@ -221,9 +221,12 @@ class GradientAnomalyDetection(GradGuardCallback):
             max_total_norm=self.config.max_total_norm,
             spike_z_threshold=self.config.spike_z_threshold,
             spike_window=self.config.spike_window,
+            spike_warmup_steps=self.config.spike_warmup_steps,
             vanishing_min_norm=self.config.vanishing_min_norm,
             vanishing_min_ratio=self.config.vanishing_min_ratio,
             vanishing_patience=self.config.vanishing_patience,
+            max_consecutive_skips=self.max_consecutive_skips,
+            log_every_n_steps=self.log_every_n_steps,
             granularity=self.granularity,
             norm_type=self.norm_type,
         )
@@ -320,7 +323,7 @@ class GradientAnomalyDetection(GradGuardCallback):
             raise GradientAnomalyError(decisions["raise"])
         skipped = False
         if "skip" in decisions and optimizer is not None:
-            _skip_step(optimizer, context)
+            _skip_step(trainer, optimizer, context)
             skipped = True
             self.counts["skipped_steps"] += 1
         if "stop" in decisions and trainer is not None:
@@ -413,19 +416,17 @@ class GradientAnomalyDetection(GradGuardCallback):
         self._consecutive_skips = dict(state_dict.get("consecutive_skips", {}))
         warned = state_dict.get("warned", {})
         self._warned = {kind: set(warned.get(kind, ())) for kind in KINDS}
-        for label, state in state_dict.get("detectors", {}).items():
-            if label in self._detectors:
-                self._detectors[label].load_state_dict(state)
-            else:
-                self._detector_states[label] = state
+        # detectors are rebuilt from the saved state; ones without any start fresh
+        self._detectors = {}
+        self._detector_states = dict(state_dict.get("detectors", {}))
 
 
-def _skip_step(optimizer: Optimizer, context: shared_pass.StepContext | None) -> None:
+def _skip_step(trainer: Any, optimizer: Optimizer, context: shared_pass.StepContext | None) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
     if context is not None:
-        context.skipped = True
+        shared_pass.mark_skipped(trainer, optimizer)
 
 
 def _amp_overflow(trainer: Any, optimizer: Optimizer, stats: GradientStats) -> Tensor | None:
@@ -468,10 +469,9 @@ def _max_reducer(trainer: Any) -> Any:
 
 
 def _warn_failure(err: Exception) -> None:
-    warnings.warn(
+    warn_rank_zero(
         f"grad_guard: anomaly detection failed this step and was skipped ({type(err).__name__}: "
-        f"{err}). Training continues.",
-        stacklevel=3,
+        f"{err}). Training continues."
     )
 
 

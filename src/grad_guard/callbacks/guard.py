@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch.optim import Optimizer
 
+from grad_guard._validation import check_bool, check_int
 from grad_guard.callbacks.base import GradGuardCallback
 from grad_guard.callbacks.clipping import AdaptiveGradientClipping
 from grad_guard.callbacks.detection import GradientAnomalyDetection
 from grad_guard.callbacks.monitor import GradientNormMonitor
 from grad_guard.core.clip import ClipAlgorithm, ClipShortcut
-from grad_guard.loggers import is_global_zero
+from grad_guard.loggers import is_global_zero, warn_rank_zero
 
 
 class GradGuard(GradGuardCallback):
@@ -73,6 +73,7 @@ class GradGuard(GradGuardCallback):
         report_dir: str | None = None,
         print_report: bool = True,
     ) -> None:
+        check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         interval = {"log_every_n_steps": log_every_n_steps}
         self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
         self.detection = _part("detection", detection, GradientAnomalyDetection, interval)
@@ -91,9 +92,9 @@ class GradGuard(GradGuardCallback):
             norm_type=reference.norm_type if reference else 2.0,
         )
         self.log_every_n_steps = log_every_n_steps
-        self.report = bool(report)
+        self.report = check_bool("report", report)
         self.report_dir = report_dir
-        self.print_report = bool(print_report)
+        self.print_report = check_bool("print_report", print_report)
         self.last_report: Any = None
 
     @property
@@ -140,7 +141,7 @@ class GradGuard(GradGuardCallback):
             try:
                 self.last_report = self._write_report(trainer, pl_module)
             except Exception as err:  # a report must never cost the user their run
-                warnings.warn(f"grad_guard: could not build the health report: {err!r}")
+                warn_rank_zero(f"grad_guard: could not build the health report: {err!r}")
 
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self._named_parts().items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from grad_guard._validation import check_int
+from grad_guard._validation import check_bool, check_int
 from grad_guard.callbacks import shared_pass
 from grad_guard.callbacks.base import GradGuardCallback, is_logging_step
 from grad_guard.core.layers import Granularity, compile_patterns
@@ -27,6 +26,7 @@ from grad_guard.loggers import (
     monitor_charts,
     tag,
     tensorboard_writers,
+    warn_rank_zero,
     write_histograms,
     write_layout,
 )
@@ -117,8 +117,8 @@ class GradientNormMonitor(GradGuardCallback):
         self.exclude = exclude
         self._include = compile_patterns("include", include)
         self._exclude = compile_patterns("exclude", exclude)
-        self.log_param_norms = bool(log_param_norms)
-        self.log_update_ratio = bool(log_update_ratio)
+        self.log_param_norms = check_bool("log_param_norms", log_param_norms)
+        self.log_update_ratio = check_bool("log_update_ratio", log_update_ratio)
         self.histogram_every_n_steps = check_int(
             "histogram_every_n_steps", histogram_every_n_steps, allow_none=True
         )
@@ -142,6 +142,9 @@ class GradientNormMonitor(GradGuardCallback):
             granularity=self.granularity,
             include=self.include,
             exclude=self.exclude,
+            log_param_norms=self.log_param_norms,
+            log_update_ratio=self.log_update_ratio,
+            histogram_every_n_steps=self.histogram_every_n_steps,
         )
 
     def layout_charts(self) -> dict[str, list[str]]:
@@ -155,6 +158,13 @@ class GradientNormMonitor(GradGuardCallback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
         if not is_logging_step(trainer, self.log_every_n_steps):
             return
+        try:
+            self._log_step(trainer, pl_module, optimizer)
+        except Exception as err:  # monitoring must never kill training
+            self._snapshots.pop(id(optimizer), None)
+            warn_rank_zero(f"grad_guard: could not log gradient norms this step ({err!r}).")
+
+    def _log_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
         context = self.step_context(trainer, pl_module, optimizer)
         stats, computer = context.stats, context.computer
         step = shared_pass.training_step(trainer)
@@ -205,6 +215,12 @@ class GradientNormMonitor(GradGuardCallback):
         if not self._snapshots:
             return
         snapshots, self._snapshots = self._snapshots, {}
+        try:
+            self._log_update_ratios(trainer, snapshots)
+        except Exception as err:  # monitoring must never kill training
+            warn_rank_zero(f"grad_guard: could not log update ratios this step ({err!r}).")
+
+    def _log_update_ratios(self, trainer: Any, snapshots: dict[int, Any]) -> None:
         for step, label, computer, mask, before, weight_norms in snapshots.values():
             _subtract_weights_(computer, before)  # `before` now holds -(update)
             update_norms = computer.norms_of(before).float().cpu().tolist()
@@ -249,7 +265,7 @@ class GradientNormMonitor(GradGuardCallback):
             if plots.add_images(tensorboard_writers(trainer), self.history, step):
                 self._last_image_step = step
         except Exception as err:  # pictures must never stop training
-            warnings.warn(f"grad_guard: could not draw the gradient images: {err!r}", stacklevel=2)
+            warn_rank_zero(f"grad_guard: could not draw the gradient images: {err!r}")
 
     def _write_histograms(
         self, trainer: Any, stats: Any, mask: Sequence[bool], label: str, step: int

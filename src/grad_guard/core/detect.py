@@ -483,8 +483,7 @@ class GradientAnomalyDetector:
             )
         self._ready = False
         self._loaded_state: dict[str, Any] | None = None
-        self._present_key: tuple[bool, ...] | None = None
-        self._present: Tensor | None = None
+        self._present_masks: dict[tuple[bool, ...], Tensor] = {}
         self.steps: list[int] = []  # steps covered by the pending flags
         self.updates = 0
 
@@ -512,11 +511,15 @@ class GradientAnomalyDetector:
             self._apply_state(state, like)
 
     def _present_mask(self, has_grad: tuple[bool, ...]) -> Tensor:
-        if has_grad != self._present_key:
-            self._present_key = has_grad
-            self._present = torch.tensor(has_grad, dtype=torch.bool, device=self._device)
-        assert self._present is not None
-        return self._present
+        # a cache per pattern: building a device tensor from a list blocks on CUDA, and
+        # MoE / stochastic-depth models alternate between a few patterns
+        mask = self._present_masks.get(has_grad)
+        if mask is None:
+            if len(self._present_masks) >= 16:
+                self._present_masks.clear()
+            mask = torch.tensor(has_grad, dtype=torch.bool, device=self._device)
+            self._present_masks[has_grad] = mask
+        return mask
 
     def update(
         self, stats: GradientStats, step: int | None = None, amp_overflow: Tensor | None = None
@@ -532,6 +535,8 @@ class GradientAnomalyDetector:
         Raises:
             ValueError: if ``stats`` has a different number of layers.
         """
+        if stats.no_gradients:  # nothing was measured; a zero norm is not a data point
+            return
         if len(stats.layer_names) != self.num_layers:
             raise ValueError(
                 f"`stats` has {len(stats.layer_names)} layers, the detector {self.num_layers}"

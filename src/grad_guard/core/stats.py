@@ -74,6 +74,10 @@ class GradientStats:
             ready for in-place ``torch._foreach_mul_`` by a clipper.
         params: the parameters whose gradients are in ``grads``, same order.
         layer_grads: the local gradient tensors grouped per layer.
+        no_gradients: True when the step had no gradient at all (e.g. ``training_step``
+            returned ``None``): nothing to judge or clip, and no statistic should learn
+            from the zero norm. Always False for flat shards, where a rank cannot tell
+            without a collective.
     """
 
     layer_names: tuple[str, ...]
@@ -85,6 +89,7 @@ class GradientStats:
     grads: list[Tensor] = field(default_factory=list, repr=False)
     params: list[Tensor] = field(default_factory=list, repr=False)
     layer_grads: list[list[Tensor]] = field(default_factory=list, repr=False)
+    no_gradients: bool = False
 
     @property
     def any_nonfinite(self) -> Tensor:
@@ -359,6 +364,7 @@ class GradientStatsComputer:
             grads=flat_grads,
             params=flat_params,
             layer_grads=local_per_layer,
+            no_gradients=self.process_group is None and not any(grads_per_layer),
         )
 
     def parameter_norms(self) -> Tensor:

@@ -20,6 +20,7 @@ it) and does not enter any running statistic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -215,6 +216,9 @@ class ClipAlgorithm:
         Returns:
             The :class:`ClipResult` of this step.
         """
+        if stats.no_gradients:  # a zero norm must not enter the statistics
+            total = stats.total_norm
+            return ClipResult(total, total, torch.full_like(total, math.inf), total != total)
         tensor_norms = None
         if self.granularity == "parameter" and all(len(g) <= 1 for g in stats.layer_grads):
             # layers without a local gradient (none this step, or a slice on another rank)
