@@ -696,26 +696,6 @@ def sharded_clip_scenario(rank: int, world_size: int, out_dir: str) -> dict:
         "expected_post": flat.clamp(-0.3, 0.3).norm().item(),
     }
 
-    # FSDP1-like: plain tensors that are this rank's slices of flat parameters
-    torch.manual_seed(0)
-    flat = torch.randn(11) * 0.1
-    flat[8] = 0.5  # on rank 1 only
-    pieces = flat.tensor_split(world_size)
-    slice_param = nn.Parameter(torch.zeros_like(pieces[rank]))
-    slice_param.grad = pieces[rank].clone()
-    value_clip = ValueClip(0.3)
-    value_clip.process_group = dist.group.WORLD
-    value_clip.clip_(
-        [slice_param.grad],
-        flat.norm(),
-        [slice_param],
-    )
-    results["flat_slices"] = {
-        "clipped": value_clip.last.clipped.item(),
-        "post": value_clip.last.post_norm.item(),
-        "expected_post": flat.clamp(-0.3, 0.3).norm().item(),
-    }
-
     grouped = nn.ConvTranspose2d(4, 6, 3, groups=2)
     weight = nn.Parameter(distribute_tensor(grouped.weight.detach(), mesh, [Shard(0)]))
     grouped.register_parameter("weight", weight)
