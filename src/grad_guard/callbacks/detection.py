@@ -246,12 +246,20 @@ class GradientAnomalyDetection(GradGuardCallback):
         try:
             context = self.step_context(trainer, pl_module, optimizer)
             detector = self._detector(label, context.computer)
+        except Exception as err:  # monitoring must never kill training
+            _warn_failure(err)
+            return
+        try:
             amp = _amp_overflow(trainer, optimizer, context.stats)
             detector.update(context.stats, step=int(trainer.global_step), amp_overflow=amp)
-            if not (self.reads_every_step or logging):
-                return
+        except Exception as err:
+            # still join the read below: under DDP/FSDP the other ranks wait in its all-reduce
+            _warn_failure(err)
+        if not (self.reads_every_step or logging):
+            return
+        try:
             findings = detector.read(_max_reducer(trainer))
-        except Exception as err:  # monitoring must never kill training
+        except Exception as err:
             _warn_failure(err)
             return
         try:
