@@ -22,7 +22,12 @@ from torch.optim import Optimizer
 
 from grad_guard._validation import check_choice, check_int
 from grad_guard.core.clip import ClipAlgorithm, ClipResult, ClipShortcut, resolve_algorithm
-from grad_guard.core.detect import DetectionConfig, GradientAnomalyDetector, judged_for_vanishing
+from grad_guard.core.detect import (
+    DetectionConfig,
+    GradientAnomalyDetector,
+    WarnedLayers,
+    judged_for_vanishing,
+)
 from grad_guard.core.events import (
     EXPLODING_ACTIONS,
     KINDS,
@@ -273,7 +278,7 @@ class GradientGuard:
         self.steps = 0  # calls to step()
         self.should_stop = False
         self._consecutive_skips = 0
-        self._warned: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self._warned = WarnedLayers()
         self._layout_written = False
         self._clip_at_last_log: tuple[int, Tensor | None] = (0, None)
         # update ratio of a logged step: weights copied at the step, the update's norms
@@ -411,25 +416,21 @@ class GradientGuard:
         for found in findings.kinds():
             action = self._actions[found.kind]
             self.counts[found.kind] += found.count
-            warned = self._warned[found.kind]
-            new_layers = [name for name in found.layers if name not in warned]
-            self._warned[found.kind] = (warned | set(found.layers)) & set(found.active)
-            event = found.event(action)
-            if event is None:
-                continue
-            # a lasting vanishing condition is one event until a new layer joins it
-            if found.kind != "vanishing" or new_layers:
+            event, warn = self._warned.admit(found, action)
+            if event is not None:
                 events.append(event)
                 if len(self.events) < MAX_EVENTS:
                     self.events.append(event)
-                if new_layers and action != "raise":
+                if warn:
                     warnings.warn(
                         f"{event.message()} Try: {event.advice()}.",
                         GradientAnomalyWarning,
                         stacklevel=3,
                     )
             if act and found.now and action != "warn":
-                decisions.setdefault(action, event)
+                event = event or found.event(action)
+                if event is not None:
+                    decisions.setdefault(action, event)
         return events, decisions
 
     def _skip(self, stats: GradientStats) -> None:

@@ -19,6 +19,7 @@ from grad_guard.core.detect import (
     Findings,
     GradientAnomalyDetector,
     KindFindings,
+    WarnedLayers,
     judged_for_vanishing,
 )
 from grad_guard.core.events import (
@@ -209,7 +210,7 @@ class GradientAnomalyDetection(GradGuardCallback):
         self._detectors: dict[str, GradientAnomalyDetector] = {}
         self._detector_states: dict[str, dict[str, Any]] = {}
         self._consecutive_skips: dict[str, int] = {}
-        self._warned: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self._warned = WarnedLayers()
         self._trainer: Callable[[], Any] = lambda: None  # weak: no trainer <-> callback cycle
 
     @property
@@ -341,14 +342,8 @@ class GradientAnomalyDetection(GradGuardCallback):
 
     def _record(self, trainer: Any, found: KindFindings, action: str) -> AnomalyEvent | None:
         """Keep the event, write it to TensorBoard, warn (rate-limited) and update state."""
-        warned = self._warned[found.kind]
-        new_layers = [name for name in found.layers if name not in warned]
-        self._warned[found.kind] = (warned | set(found.layers)) & set(found.active)
-        if not found.count:
-            return None
-        event = found.event(action)
-        # a lasting vanishing condition is one event until a new layer joins it
-        if event is None or (found.kind == "vanishing" and not new_layers):
+        event, warn = self._warned.admit(found, action)
+        if event is None:
             return None
         if len(self.events) < self.max_events:
             self.events.append(event)
@@ -356,7 +351,7 @@ class GradientAnomalyDetection(GradGuardCallback):
             self.events_dropped += 1
         if trainer is not None:
             self._write_text(trainer, event)
-        if new_layers and action != "raise":
+        if warn:
             seen = self.counts[found.kind]
             rank_zero_warn(
                 f"{event.message()} Seen on {seen} step(s) so far; further warnings for "
@@ -412,7 +407,7 @@ class GradientAnomalyDetection(GradGuardCallback):
             "events": [event.to_dict() for event in self.events],
             "events_dropped": self.events_dropped,
             "consecutive_skips": dict(self._consecutive_skips),
-            "warned": {kind: sorted(names) for kind, names in self._warned.items()},
+            "warned": self._warned.state_dict(),
             "detectors": detectors,
         }
 
@@ -423,7 +418,7 @@ class GradientAnomalyDetection(GradGuardCallback):
         self.events_dropped = int(state_dict.get("events_dropped", 0))
         self._consecutive_skips = dict(state_dict.get("consecutive_skips", {}))
         warned = state_dict.get("warned", {})
-        self._warned = {kind: set(warned.get(kind, ())) for kind in KINDS}
+        self._warned.load_state_dict(warned)
         # detectors are rebuilt from the saved state; ones without any start fresh
         self._detectors = {}
         self._detector_states = dict(state_dict.get("detectors", {}))

@@ -72,6 +72,7 @@ __all__ = [
     "GradientAnomalyWarning",
     "KindFindings",
     "RollingZScore",
+    "WarnedLayers",
     "judged_for_vanishing",
     "vanishing_layers",
 ]
@@ -437,6 +438,42 @@ _S_COUNT, _S_AGE, _S_NOW, _S_THRESHOLD = 0, 3, 6, 9  # each followed by one slot
 _S_AMP_COUNT, _S_AMP_NOW, _S_TOTAL, _S_SPIKE_RULE, _S_RATIO_RULE = range(12, 17)
 _SCALARS = 17
 _NAN_CODE = -1.0  # norms are >= 0; NaN is encoded so the MAX all-reduce stays defined
+
+
+class WarnedLayers:
+    """Rate limit for events and warnings: once per layer and kind until it recovers.
+
+    Shared by the Lightning callback and the plain-loop guard, so both report the same
+    events.
+
+    Example:
+        >>> gate = WarnedLayers()
+        >>> gate.layers
+        {'nonfinite': set(), 'exploding': set(), 'vanishing': set()}
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[str, set[str]] = {kind: set() for kind in KINDS}
+
+    def admit(self, found: KindFindings, action: str) -> tuple[AnomalyEvent | None, bool]:
+        """The event to record for ``found`` (``None`` if nothing new) and whether to warn.
+
+        A lasting vanishing condition is one event until a new layer joins it; a warning
+        is due only for layers not warned about since they last recovered.
+        """
+        warned = self.layers[found.kind]
+        new_layers = [name for name in found.layers if name not in warned]
+        self.layers[found.kind] = (warned | set(found.layers)) & set(found.active)
+        event = found.event(action)
+        if event is None or (found.kind == "vanishing" and not new_layers):
+            return None, False
+        return event, bool(new_layers) and action != "raise"
+
+    def state_dict(self) -> dict[str, list[str]]:
+        return {kind: sorted(names) for kind, names in self.layers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.layers = {kind: set(state.get(kind, ())) for kind in KINDS}
 
 
 class GradientAnomalyDetector:
