@@ -11,6 +11,7 @@ Only global rank zero writes.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +48,56 @@ def tag(prefix: str, name: str, optimizer_label: str = "") -> str:
         'grad_norm/optimizer_1/gen.fc'
     """
     return f"{prefix}/{optimizer_label}/{name}" if optimizer_label else f"{prefix}/{name}"
+
+
+def layer_metrics(
+    layer_names: Sequence[str],
+    logged: Sequence[bool],
+    grad_norms: Sequence[float],
+    total_norm: float,
+    param_norms: Sequence[float] | None = None,
+    optimizer_label: str = "",
+) -> dict[str, float]:
+    """The per-layer scalars of one logging step (host floats in, tags out).
+
+    Example:
+        >>> layer_metrics(["fc"], [True], [0.5], 0.5, [2.0])
+        {'grad_guard/total_grad_norm': 0.5, 'grad_norm/fc': 0.5, 'param_norm/fc': 2.0, 'grad_to_param/fc': 0.25}
+    """
+    metrics = {tag(SUMMARY, "total_grad_norm", optimizer_label): total_norm}
+    for i, name in enumerate(layer_names):
+        if not logged[i]:
+            continue
+        metrics[tag(GRAD_NORM, name, optimizer_label)] = grad_norms[i]
+        if param_norms is not None:
+            metrics[tag(PARAM_NORM, name, optimizer_label)] = param_norms[i]
+            metrics[tag(GRAD_TO_PARAM, name, optimizer_label)] = grad_norms[i] / max(
+                param_norms[i], 1e-12
+            )
+    return metrics
+
+
+def clip_metrics(
+    pre_norm: float,
+    post_norm: float,
+    threshold: float,
+    clipped_fraction: float,
+    optimizer_label: str = "",
+) -> dict[str, float]:
+    """The clipping scalars of one logging step; no threshold while none is in force.
+
+    Example:
+        >>> sorted(clip_metrics(2.0, 1.0, float("inf"), 0.5))
+        ['grad_guard/clip/clipped_fraction', 'grad_guard/clip/post_norm', 'grad_guard/clip/pre_norm']
+    """
+    metrics = {
+        tag(SUMMARY, CLIP_PRE_NORM, optimizer_label): pre_norm,
+        tag(SUMMARY, CLIP_POST_NORM, optimizer_label): post_norm,
+        tag(SUMMARY, CLIP_CLIPPED_FRACTION, optimizer_label): clipped_fraction,
+    }
+    if math.isfinite(threshold):
+        metrics[tag(SUMMARY, CLIP_THRESHOLD, optimizer_label)] = threshold
+    return metrics
 
 
 def is_global_zero(trainer: Any) -> bool:

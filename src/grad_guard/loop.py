@@ -10,7 +10,6 @@ Lightning import.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,18 +47,13 @@ from grad_guard.core.stats import (
     validate_norm_type,
 )
 from grad_guard.loggers import (
-    CLIP_CLIPPED_FRACTION,
-    CLIP_POST_NORM,
-    CLIP_PRE_NORM,
-    CLIP_THRESHOLD,
-    GRAD_NORM,
-    GRAD_TO_PARAM,
-    PARAM_NORM,
     SUMMARY,
     UPDATE_RATIO,
     anomaly_charts,
+    clip_metrics,
     clipping_charts,
     custom_scalars_layout,
+    layer_metrics,
     monitor_charts,
     tag,
     write_scalars,
@@ -478,26 +472,17 @@ class GradientGuard:
         if pending is not None:
             self._write_update_ratios(pending[0], values[-2 * num_layers :])
 
-        grad_norms = values[:num_layers]
-        metrics: dict[str, float] = {tag(SUMMARY, "total_grad_norm"): values[num_layers]}
         offset = num_layers + 1
-        for i, name in enumerate(self.layer_names):
-            if not (self._logged[i] and stats.has_grad[i]):
-                continue
-            metrics[tag(GRAD_NORM, name)] = grad_norms[i]
-            if self.log_param_norms:
-                param_norm = values[offset + i]
-                metrics[tag(PARAM_NORM, name)] = param_norm
-                metrics[tag(GRAD_TO_PARAM, name)] = grad_norms[i] / max(param_norm, 1e-12)
+        param_norms = values[offset : offset + num_layers] if self.log_param_norms else None
+        logged = [keep and present for keep, present in zip(self._logged, stats.has_grad)]
+        metrics = layer_metrics(
+            self.layer_names, logged, values[:num_layers], values[num_layers], param_norms
+        )
         if self.log_param_norms:
             offset += num_layers
         if clip_since is not None:
             pre, post, threshold, since = values[offset : offset + 4]
-            metrics[tag(SUMMARY, CLIP_PRE_NORM)] = pre
-            metrics[tag(SUMMARY, CLIP_POST_NORM)] = post
-            metrics[tag(SUMMARY, CLIP_CLIPPED_FRACTION)] = since / max(clip_since, 1)
-            if math.isfinite(threshold):
-                metrics[tag(SUMMARY, CLIP_THRESHOLD)] = threshold
+            metrics.update(clip_metrics(pre, post, threshold, since / max(clip_since, 1)))
         if self._detector is not None:
             for kind in KINDS:
                 metrics[tag(SUMMARY, f"anomalies/{kind}")] = float(self.counts[kind])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -21,14 +20,9 @@ from grad_guard.core.clip import (
     resolve_algorithm,
 )
 from grad_guard.loggers import (
-    CLIP_CLIPPED_FRACTION,
-    CLIP_POST_NORM,
-    CLIP_PRE_NORM,
-    CLIP_THRESHOLD,
-    SUMMARY,
+    clip_metrics,
     clipping_charts,
     log_scalars,
-    tag,
     warn_rank_zero,
     write_layout,
 )
@@ -219,14 +213,8 @@ class AdaptiveGradientClipping(GradGuardCallback):
         pre, post, threshold, clipped = packed.cpu().tolist()
         self._at_last_log[index] = (algorithm.steps, clipped_now)
         label = shared_pass.optimizer_label(trainer, optimizer)
-        metrics = {
-            tag(SUMMARY, CLIP_PRE_NORM, label): pre,
-            tag(SUMMARY, CLIP_POST_NORM, label): post,
-            tag(SUMMARY, CLIP_CLIPPED_FRACTION, label): clipped
-            / max(algorithm.steps - last_steps, 1),
-        }
-        if math.isfinite(threshold):
-            metrics[tag(SUMMARY, CLIP_THRESHOLD, label)] = threshold
+        fraction = clipped / max(algorithm.steps - last_steps, 1)
+        metrics = clip_metrics(pre, post, threshold, fraction, label)
         write_layout(trainer)
         log_scalars(trainer, metrics, shared_pass.training_step(trainer))
 

@@ -17,11 +17,8 @@ from grad_guard.core.stats import NormType
 from grad_guard.history import GradientHistory
 from grad_guard.loggers import (
     GRAD_HIST,
-    GRAD_NORM,
-    GRAD_TO_PARAM,
-    PARAM_NORM,
-    SUMMARY,
     UPDATE_RATIO,
+    layer_metrics,
     log_scalars,
     monitor_charts,
     tag,
@@ -180,16 +177,14 @@ class GradientNormMonitor(GradGuardCallback):
         values = torch.cat([p.to(stats.layer_norms.device) for p in parts]).cpu().tolist()
 
         num_layers = len(stats.layer_names)
-        grad_norms = values[:num_layers]
-        metrics = {tag(SUMMARY, "total_grad_norm", label): values[num_layers]}
-        for i, name in enumerate(stats.layer_names):
-            if not mask[i]:
-                continue
-            metrics[tag(GRAD_NORM, name, label)] = grad_norms[i]
-            if self.log_param_norms:
-                param_norm = values[num_layers + 1 + i]
-                metrics[tag(PARAM_NORM, name, label)] = param_norm
-                metrics[tag(GRAD_TO_PARAM, name, label)] = grad_norms[i] / max(param_norm, 1e-12)
+        metrics = layer_metrics(
+            stats.layer_names,
+            mask,
+            values[:num_layers],
+            values[num_layers],
+            values[num_layers + 1 :] if self.log_param_norms else None,
+            label,
+        )
         write_layout(trainer)
         log_scalars(trainer, metrics, step)
         self.logged_steps += 1
