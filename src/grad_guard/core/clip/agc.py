@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from grad_guard._validation import check_float
+from grad_guard._validation import check_bool, check_float, check_patterns
 from grad_guard.core.clip.base import (
     ClipAlgorithm,
     ClipResult,
@@ -215,11 +215,9 @@ class AGC(ClipAlgorithm):
         super().__init__()
         self.clip_factor = check_float("clip_factor", clip_factor)
         self.eps = check_float("eps", eps)
-        if not isinstance(exclude_head, bool):
-            raise ValueError(f"`exclude_head` must be a bool, got {exclude_head!r}")
-        self.exclude_head = exclude_head
+        self.exclude_head = check_bool("exclude_head", exclude_head)
+        check_patterns("exclude", exclude)
         self.exclude = exclude
-        compile_patterns("exclude", exclude)
         self._module: weakref.ref[nn.Module] | None = None
         self._layout: dict[int, Unit] = {}
         self._warned_unbound = False

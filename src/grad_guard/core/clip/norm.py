@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from grad_guard._validation import check_float
+from grad_guard._validation import check_bool, check_float
 from grad_guard.core.clip.base import (
     ClipAlgorithm,
     ClipResult,
@@ -40,7 +40,9 @@ class NormClip(ClipAlgorithm):
         per_parameter: ``True`` for the per-tensor (Keras ``clipnorm``) mode.
 
     Raises:
-        ValueError: if ``max_norm`` or ``norm_type`` is not a positive number.
+        ValueError: if ``max_norm`` is not a positive number (bools and strings are not
+            numbers), ``norm_type`` is not a positive number or ``"inf"``, or
+            ``per_parameter`` is not a bool.
 
     Example:
         >>> import torch
@@ -63,9 +65,7 @@ class NormClip(ClipAlgorithm):
         super().__init__()
         self.max_norm = check_float("max_norm", max_norm)
         self.norm_type = validate_norm_type(norm_type)
-        if not isinstance(per_parameter, bool):
-            raise ValueError(f"`per_parameter` must be a bool, got {per_parameter!r}")
-        self.per_parameter = per_parameter
+        self.per_parameter = check_bool("per_parameter", per_parameter)
         self.granularity = "parameter" if per_parameter else "module"
 
     def _clip(
@@ -78,7 +78,7 @@ class NormClip(ClipAlgorithm):
         threshold = state_tensor(self.max_norm, total_norm)
         if not self.per_parameter:
             coefficient, clipped = norm_coefficient(total_norm, threshold)
-            scale_grads_(grads, coefficient)
+            self._scale_(grads, coefficient)
             post = total_norm * coefficient
             return ClipResult(total_norm, post, threshold, clipped)
         if tensor_norms is None:
