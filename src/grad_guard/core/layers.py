@@ -55,22 +55,26 @@ def validate_granularity(granularity: Granularity) -> Granularity:
 
 
 def compile_patterns(argument: str, patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
-    """Compile include/exclude regexes, naming ``argument`` when one is invalid."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ValueError(f"`{argument}` must hold regex strings, got {pattern!r}")
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(
-                f"`{argument}` must hold valid regexes, got {pattern!r} ({err})"
-            ) from err
-    return compiled
+    """Compile include/exclude regexes, naming ``argument`` when they are invalid.
+
+    Args:
+        argument: the argument's name, for the message.
+        patterns: ``None``, one regex string, or a list/tuple of regex strings.
+
+    Raises:
+        ValueError: for a dict, a set, an int, a non-string element or an invalid regex.
+
+    Example:
+        >>> [p.pattern for p in compile_patterns("include", "^enc")]
+        ['^enc']
+        >>> compile_patterns("include", 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `include` must be a regex string, a list of regex strings or None, got 5
+    """
+    from grad_guard._validation import check_patterns  # the one rule for include/exclude
+
+    return check_patterns(argument, patterns)
 
 
 # Path components added by wrappers (FSDP1 units, activation checkpointing): left out of

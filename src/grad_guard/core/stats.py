@@ -44,15 +44,28 @@ NormType = float | Literal["inf"]
 _FLAT_SHARDS = "flat_shards"  # reduce key of plain tensors sharded over `process_group`
 
 
-def validate_norm_type(norm_type: float) -> float:
-    """Return ``norm_type`` as a float or raise a ``ValueError`` that says what is allowed."""
-    try:
-        value = float(norm_type)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (value > 0):  # also rejects NaN
-        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}")
-    return value
+def validate_norm_type(norm_type: NormType, argument: str = "norm_type") -> float:
+    """Return ``norm_type`` as a float: a positive number, ``float("inf")`` or ``"inf"``.
+
+    Args:
+        norm_type: the p of the p-norm.
+        argument: the argument's name, for the message.
+
+    Raises:
+        ValueError: for a bool (``True`` is not ``1.0``), a numeric string (``"2"``), any
+            string but ``"inf"`` (``"inf "``), NaN, zero or a negative number.
+
+    Example:
+        >>> validate_norm_type("inf"), validate_norm_type(1)
+        (inf, 1.0)
+        >>> validate_norm_type(True)
+        Traceback (most recent call last):
+        ...
+        ValueError: `norm_type` must be a positive number, float('inf') or 'inf', got True
+    """
+    from grad_guard._validation import check_norm_type  # the one rule for every p argument
+
+    return check_norm_type(argument, norm_type)
 
 
 @dataclass
