@@ -1,14 +1,19 @@
 """Build the sdist and the wheel, install the wheel into a fresh venv and run the command.
 
-Nothing is downloaded: the build uses the installed setuptools (no build isolation), the
-venv sees the system's torch/lightning (``--system-site-packages``) and the wheel is
-installed with ``--no-deps --no-index``. The repository's editable install must not
-leak in: ``grad_guard.__file__`` has to point into the venv.
+Nothing is downloaded: the build uses the installed setuptools (no build isolation) and
+the wheel is installed with ``--no-deps --no-index``. The new venv sees the torch,
+lightning and pip of the environment running the tests through a ``.pth`` file that lists
+that environment's site-packages folders (``--system-site-packages`` would not do: from
+inside a venv it exposes the base interpreter's packages, not the venv's). Paths in a
+``.pth`` file are appended to ``sys.path`` without reading the ``.pth`` files inside them,
+so the repository's editable install does not leak in: ``grad_guard.__file__`` has to
+point into the venv.
 """
 
 import glob
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -50,6 +55,24 @@ def _copy_project(dest: str) -> None:
     )
 
 
+def _make_venv(venv: str, cwd: str) -> tuple[str, str]:
+    """A bare venv (no pip, no system site) that also sees this environment's packages.
+
+    Returns the venv's ``bin`` folder and its python.
+    """
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=cwd)
+    bin_dir = os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
+    python = os.path.join(bin_dir, "python")
+    code = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = _run(python, "-c", code, cwd=cwd).strip()
+    # site.getsitepackages() is the running venv's site-packages (plus the base ones when
+    # that venv was made with --system-site-packages), or the system's outside a venv
+    here = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    with open(os.path.join(purelib, "_grad_guard_test_env.pth"), "w") as pth:
+        pth.write("".join(f"{p}\n" for p in here))
+    return bin_dir, python
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """The venv's python and bin folder, the sdist's and wheel's file names, the work dir."""
@@ -78,12 +101,14 @@ def installed(tmp_path_factory):
         scripts = archive.read(entry_points).decode()
 
     venv = os.path.join(work, "venv")
-    # no pip of its own: the system pip, visible through --system-site-packages, installs
-    # into whichever environment runs it
-    _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=work)
-    bin_dir = os.path.join(venv, "Scripts" if os.name == "nt" else "bin")
-    python = os.path.join(bin_dir, "python")
-    _run(python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel, cwd=work)
+    # no pip of its own: the running environment's pip, visible through the .pth file,
+    # installs into whichever environment runs it; --ignore-installed because that pip
+    # also sees the editable grad-guard of the running environment
+    bin_dir, python = _make_venv(venv, work)
+    _run(
+        python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q",
+        wheel, cwd=work,
+    )  # fmt: skip
     return SimpleNamespace(
         python=python,
         bin_dir=bin_dir,
