@@ -1,16 +1,25 @@
-"""The ``grad-guard`` command.
+"""The ``grad-guard`` command: an argparse layer that imports the work it starts lazily.
 
 * ``grad-guard report LOGDIR [--out DIR]``: read the TensorBoard event files of a
   finished (or running) run, print the gradient health report, and write
   ``grad_guard_report.json``/``.md`` and the heatmap / gradient-flow PNGs. Nothing is
   trained; Lightning is not imported.
-* ``grad-guard demo ...``: the vanishing/exploding gradients demo (``grad_guard.demo``).
+* ``grad-guard demo [--quick] ...``: the vanishing/exploding gradients demo
+  (:mod:`grad_guard.demo`).
 * ``grad-guard --version``.
+
+Parsing imports nothing but argparse and ``grad_guard`` itself (which is lazy), so
+``--help`` of every command and a refused option answer at once: torch, Lightning and
+numpy are imported only by the command that runs. The demo's options are therefore
+declared here as well as in :func:`grad_guard.demo.parser`, which still parses the
+demo's command line (anything unknown here is handed to it); a test keeps the two equal.
 
 Example:
     >>> main(["--version"])  # doctest: +ELLIPSIS
     grad-guard ...
     0
+    >>> main(["report", ".", "--window", "0"])  # argparse names the option on stderr
+    2
 """
 
 from __future__ import annotations
@@ -19,56 +28,170 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 
 import grad_guard
 
+PRECISIONS = (
+    "64-true",
+    "32-true",
+    "16-true",
+    "bf16-true",
+    "16-mixed",
+    "bf16-mixed",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
+"""Lightning 2.x precision values (``Trainer(precision=...)``) that ``--precision`` takes."""
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="grad-guard",
-        description="Gradient health for PyTorch Lightning: reports and demos.",
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+"""Lightning's short precision names and what it turns them into."""
 
-    report = commands.add_parser(
-        "report",
-        help="print the gradient report of a TensorBoard log directory",
-        description=(
-            "Read the grad_guard scalars (grad_norm/<layer>, param_norm/<layer>, "
-            "update_ratio/<layer>, grad_guard/...) from the TensorBoard event files of a run, "
-            "print the per-layer table and the diagnosis, and write grad_guard_report.json, "
-            "grad_guard_report.md, gradient_heatmap.png and gradient_flow.png. "
-            "Works on a running run; nothing is trained."
-        ),
+# the demo's defaults, kept equal to grad_guard.demo's by tests/test_cli.py
+DEMO_OUT = "grad_guard_demo"
+DEMO_STEPS = 200
+DEMO_QUICK_STEPS = 60
+DEMO_DEPTH = 20
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _precision(text: str) -> str:
+    value = PRECISION_ALIASES.get(text, text)
+    if value not in PRECISIONS:
+        allowed = ", ".join((*PRECISIONS, *PRECISION_ALIASES))
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
+    return value
+
+
+def _add_report_options(report: argparse.ArgumentParser) -> None:
+    report.add_argument(
+        "logdir", help="a run folder, or a parent of run folders (each run is read)"
     )
     report.add_argument(
-        "logdir", help="a run folder, or a parent of run folders (the newest run is read)"
+        "--out", default=None, help="where to write the files (default: each run's folder)"
     )
     report.add_argument(
-        "--out", default=None, help="where to write the files (default: the run folder)"
+        "--window",
+        type=_int_at_least(1),
+        default=20,
+        metavar="N",
+        help="logged steps in the gradient-flow chart (default 20)",
     )
     report.add_argument(
-        "--window", type=int, default=20, help="logged steps in the gradient-flow chart"
-    )
-    report.add_argument(
-        "--max-rows", type=int, default=40, help="most table rows printed (all go to the JSON)"
+        "--max-rows",
+        type=_int_at_least(1),
+        default=40,
+        metavar="N",
+        help="most table rows printed; all go to the JSON (default 40)",
     )
     report.add_argument(
         "--precision",
+        type=_precision,
         default=None,
-        help="the run's precision (e.g. 16-mixed), to make non-finite advice specific",
+        metavar="PRECISION",
+        help="the run's Trainer precision (16-mixed, bf16-mixed, 32-true...), to make "
+        "non-finite advice specific; by default the precision the run logged",
     )
 
-    demo = commands.add_parser(
-        "demo",
-        help="reproduce vanishing / exploding gradients and their fixes",
-        add_help=False,
+
+def _add_demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"train {DEMO_QUICK_STEPS} steps per run instead of {DEMO_STEPS} (for CI; the "
+        "vanishing row shows, late explosions may not)",
     )
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="arguments for grad_guard.demo")
-    # main() hands everything after "demo" to grad_guard.demo untouched (argparse's
-    # REMAINDER would reject a leading "--option"); this parser only lists the command.
-    return parser
+    demo.add_argument(
+        "--out", default=DEMO_OUT, metavar="DIR", help=f"output folder (default: ./{DEMO_OUT})"
+    )
+    demo.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help=f"optimizer steps per run (default {DEMO_STEPS}, {DEMO_QUICK_STEPS} with --quick)",
+    )
+    demo.add_argument(
+        "--depth",
+        type=_int_at_least(2),
+        default=DEMO_DEPTH,
+        metavar="N",
+        help=f"layers of the deep runs (default {DEMO_DEPTH})",
+    )
+    demo.add_argument(
+        "--seed", type=_int_at_least(0), default=0, metavar="N", help="seed (default 0)"
+    )
+    demo.add_argument(
+        "--no-progress", action="store_true", help="no progress bar and no per-run lines"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``grad-guard`` argument parser, with the ``report`` and ``demo`` commands.
+
+    Returns:
+        An :class:`argparse.ArgumentParser`; its sub-parsers are in
+        ``subcommands(parser)``.
+
+    Example:
+        >>> sorted(subcommands(parser()))
+        ['demo', 'report']
+    """
+    result = argparse.ArgumentParser(
+        prog="grad-guard",
+        description="Gradient health for PyTorch Lightning: reports and demos.",
+    )
+    result.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = result.add_subparsers(dest="command", metavar="COMMAND")
+    _add_report_options(
+        commands.add_parser(
+            "report",
+            help="print the gradient report of TensorBoard log directories",
+            description=(
+                "Read the grad_guard scalars (grad_norm/<layer>, param_norm/<layer>, "
+                "update_ratio/<layer>, grad_guard/...) from the TensorBoard event files of "
+                "a run, or of every run under a folder, print the per-layer table and the "
+                "diagnosis, and write grad_guard_report.json, grad_guard_report.md, "
+                "gradient_heatmap.png and gradient_flow.png. Works on a running run; "
+                "nothing is trained."
+            ),
+        )
+    )
+    _add_demo_options(
+        commands.add_parser(
+            "demo",
+            help="reproduce vanishing / exploding gradients and their fixes",
+            description=(
+                "Train a matrix of small deep networks on scikit-learn's bundled digits "
+                "(offline, CPU) that reproduce vanishing and exploding gradients and their "
+                "fixes, with GradGuard watching every run; print a table and what each row "
+                "teaches, and write one TensorBoard run per row under --out. Needs the demo "
+                'extra: pip install "grad-guard[demo]".'
+            ),
+        )
+    )
+    return result
+
+
+def subcommands(root: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parsers of ``root`` by command name (``{"report": ..., "demo": ...}``)."""
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -128,22 +251,39 @@ def _demo(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    result = demo.main(argv)
-    return int(result or 0)
+    return int(demo.main(argv) or 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``grad-guard`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``grad-guard`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Args:
+        argv: the command line without the program name.
+
+    Returns:
+        ``0`` on success (and for ``--help``), ``2`` for a refused option or argument
+        (argparse's message, naming it, goes to stderr), otherwise the command's code.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        return _demo(argv[1:])
-    args = _parser().parse_args(argv)
+    root = parser()
+    try:
+        # options this parser does not know are left to grad_guard.demo, which has the
+        # last word on its own command line (and names what it refuses)
+        args, unknown = root.parse_known_args(argv)
+        if unknown and args.command != "demo":
+            root.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exit_:  # --help and usage errors: an exit code, not an exception
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
     if args.version:
         print(f"grad-guard {grad_guard.__version__}")
         return 0
     if args.command == "report":
         return _report(args)
-    _parser().print_help()
+    if args.command == "demo":
+        # the demo parses the same options again (grad_guard.demo.main takes argv)
+        return _demo(argv[argv.index("demo") + 1 :])
+    root.print_help()
     return 2
 
 
