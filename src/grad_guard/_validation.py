@@ -213,8 +213,9 @@ def check_patterns(argument: str, value: Any) -> list[re.Pattern[str]]:
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
+            where = "" if isinstance(value, str) else f" in {shown(value)}"
             raise ValueError(
-                f"`{argument}` must hold valid regexes, got {pattern!r} ({err})"
+                f"`{argument}` must hold valid regexes, got {pattern!r}{where} ({err})"
             ) from err
     return compiled
 
