@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from grad_guard.history import GradientHistory, find_run_dir
+from grad_guard.history import GradientHistory
+from grad_guard.report import run_reader
 
 
 def _fill(history: GradientHistory, steps: int, layers=("a", "b", "c")) -> None:
@@ -160,6 +161,31 @@ def test_from_event_files_reads_grad_guard_tags_in_forward_order(tmp_path):
 
 def test_find_run_dir_without_event_files_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
-        find_run_dir(str(tmp_path))
+        run_reader.newest_run(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        run_reader.read_run(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         GradientHistory.from_event_files(str(tmp_path))
+
+
+def test_event_file_reader_uses_the_loggers_tag_prefixes():
+    from grad_guard import loggers
+
+    assert (run_reader.GRAD_NORM, run_reader.PARAM_NORM, run_reader.UPDATE_RATIO) == (
+        loggers.GRAD_NORM,
+        loggers.PARAM_NORM,
+        loggers.UPDATE_RATIO,
+    )
+    assert run_reader.SUMMARY == loggers.SUMMARY
+
+
+def test_first_and_last_logged_step_are_exact_whatever_the_thinning():
+    history = GradientHistory(max_steps=8)
+    for step in range(3, 2000, 4):  # a 2000-step run logged every 4 steps, from step 3
+        history.record(step, ["a"], [1.0])
+    assert history.records == 500 and len(history) <= 8
+    assert history.steps[-1] != 1999  # the kept columns do not end on the last step...
+    assert (history.first_step, history.last_step) == (3, 1999)  # ...the range does
+    restored = GradientHistory()
+    restored.load_state_dict(history.state_dict())
+    assert (restored.first_step, restored.last_step) == (3, 1999)

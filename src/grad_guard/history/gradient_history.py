@@ -1,34 +1,17 @@
-"""``GradientHistory``: what the end-of-fit report and the pictures are drawn from.
-
-The monitor already copies one small packed tensor of norms to the host on each logging
-step; the history keeps those host floats, so recording costs no extra device sync.
-Memory is bounded: at most ``max_steps`` columns (logged steps) are kept. When the
-history is full, every other column is dropped and from then on only every second record
-becomes a column, so the columns stay evenly spread over the whole run however long it
-is. Two things survive the thinning: a NaN/Inf cell is copied into the column that
-replaces it (a non-finite gradient never disappears from the heatmap), and exact
-per-layer aggregates (min, max, zero / no-gradient / non-finite counts, last values)
-are updated on every record.
-
-A history can also be rebuilt from TensorBoard event files with
-:meth:`GradientHistory.from_event_files`, which is what ``grad-guard report LOGDIR``
-does.
-"""
+"""The :class:`GradientHistory` class (see :mod:`grad_guard.history`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from grad_guard._validation import check_int
-from grad_guard.loggers import GRAD_NORM, PARAM_NORM, SUMMARY, UPDATE_RATIO
+from grad_guard.history.aggregate import LayerAggregate
+from grad_guard.jsonsafe import plain
 
 QUANTITIES: tuple[str, ...] = ("grad_norm", "param_norm", "update_ratio")
 """Per-layer quantities a history holds, one matrix each."""
@@ -47,34 +30,6 @@ COUNTER_NAMES: tuple[str, ...] = (
 _MISSING = -1.0
 
 
-@dataclass
-class LayerAggregate:
-    """Exact running facts about one layer over every record (not decimated).
-
-    Attributes:
-        records: logged steps on which the layer was recorded.
-        no_grad: records where the layer had no gradient at all (``grad is None``).
-        zero: records where the gradient norm was exactly 0.
-        nonfinite: records where the gradient norm was NaN or Inf.
-        dead_streak: consecutive most recent records with a zero or missing gradient.
-        min: smallest finite gradient norm (``inf`` until one is seen).
-        max: largest finite gradient norm (``-inf`` until one is seen).
-        last_grad_norm / last_param_norm / last_update_ratio: latest values (``None``
-            until recorded).
-    """
-
-    records: int = 0
-    no_grad: int = 0
-    zero: int = 0
-    nonfinite: int = 0
-    dead_streak: int = 0
-    min: float = math.inf
-    max: float = -math.inf
-    last_grad_norm: float | None = None
-    last_param_norm: float | None = None
-    last_update_ratio: float | None = None
-
-
 class GradientHistory:
     """Per-layer gradient norms (and parameter norms, update ratios) per logged step.
 
@@ -83,6 +38,12 @@ class GradientHistory:
             (>= 2).
         max_events: most events kept (the oldest are dropped; ``events_total`` keeps
             counting).
+
+    Attributes:
+        layers: layer names, forward order. steps: the logged steps of the kept
+            columns (thinned). records: logged steps recorded (all of them).
+        first_step / last_step: the first and last logged step recorded, exact
+            whatever the thinning kept (``None`` before the first record).
 
     Raises:
         ValueError: if an argument is out of range.
@@ -97,6 +58,8 @@ class GradientHistory:
         (2, 3)
         >>> history.aggregates["fc1"].max  # exact, although step 9 was thinned away
         1.0
+        >>> history.first_step, history.last_step
+        (0, 9)
     """
 
     def __init__(self, max_steps: int = 512, max_events: int = 1000) -> None:
@@ -112,6 +75,8 @@ class GradientHistory:
         self.events_total = 0
         self.meta: dict[str, Any] = {}
         self.records = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
         self._stride = 1
         self._index: dict[str, int] = {}
         # quantity -> one float64 array per kept column, indexed like self.layers at the
@@ -161,12 +126,16 @@ class GradientHistory:
             float(g) if ok else None for g, ok in zip(grad_norms, present, strict=True)
         ]
         for name, value in zip(layer_names, grads, strict=True):
-            self._aggregate(name, value)
+            self._layer_index(name)
+            self.aggregates[name].add(value)
         if param_norms is not None:
             for name, value in zip(layer_names, param_norms, strict=True):
                 if value is not None:
                     self.aggregates[name].last_param_norm = float(value)
         self.records += 1
+        step = int(step)
+        self.first_step = step if self.first_step is None else min(self.first_step, step)
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
 
         if (self.records - 1) % self._stride:
             # not kept, but a NaN/Inf must not vanish from the picture with it
@@ -181,26 +150,6 @@ class GradientHistory:
         self._columns["update_ratio"].append(np.full(len(self.layers), _MISSING))
         if len(self.steps) > self.max_steps:
             self._thin()
-
-    def _aggregate(self, name: str, value: float | None) -> None:
-        self._layer_index(name)
-        agg = self.aggregates[name]
-        agg.records += 1
-        agg.last_grad_norm = value
-        if value is None:
-            agg.no_grad += 1
-            agg.dead_streak += 1
-        elif not math.isfinite(value):
-            agg.nonfinite += 1
-            agg.dead_streak = 0
-        else:
-            agg.min = min(agg.min, value)
-            agg.max = max(agg.max, value)
-            if value == 0.0:
-                agg.zero += 1
-                agg.dead_streak += 1
-            else:
-                agg.dead_streak = 0
 
     def _thin(self) -> None:
         grads = self._columns["grad_norm"]
@@ -283,6 +232,8 @@ class GradientHistory:
             "events_total": self.events_total,
             "meta": dict(self.meta),
             "records": self.records,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
             "stride": self._stride,
         }
 
@@ -309,16 +260,16 @@ class GradientHistory:
         self.events_total = int(state.get("events_total", len(self.events)))
         self.meta = dict(state.get("meta", {}))
         self.records = int(state.get("records", len(self.steps)))
+        self.first_step = state.get("first_step", self.steps[0] if self.steps else None)
+        self.last_step = state.get("last_step", self.steps[-1] if self.steps else None)
         self._stride = int(state.get("stride", 1))
 
     @classmethod
     def from_event_files(cls, logdir: str, max_steps: int = 512) -> GradientHistory:
         """Rebuild a history from the TensorBoard event files of one run.
 
-        Reads the tags grad_guard writes (``grad_norm/<layer>``, ``param_norm/<layer>``,
-        ``update_ratio/<layer>``, ``grad_guard/total_grad_norm`` and the
-        ``grad_guard/<counter>`` totals) with TensorBoard's own ``EventAccumulator``.
-        Works on a finished or a running run; nothing is trained.
+        A shortcut for :func:`grad_guard.report.run_reader.read_run`, which also returns
+        the run's configuration, its anomaly events and how much of each file was read.
 
         Args:
             logdir: a folder holding ``events.out.tfevents.*`` files directly, or a
@@ -328,111 +279,9 @@ class GradientHistory:
         Raises:
             FileNotFoundError: if ``logdir`` holds no event files.
         """
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from grad_guard.report.run_reader import newest_run, read_run
 
-        run_dir = find_run_dir(logdir)
-        accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-        accumulator.Reload()
-        history = cls(max_steps=max_steps)
-        history.meta["run_dir"] = run_dir
-
-        per_quantity: dict[str, dict[str, dict[int, float]]] = {q: {} for q in QUANTITIES}
-        prefixes = {GRAD_NORM: "grad_norm", PARAM_NORM: "param_norm", UPDATE_RATIO: "update_ratio"}
-        totals: dict[int, float] = {}
-        # Tags come back in the order they were first written: forward order for layers.
-        for tag in accumulator.Tags().get("scalars", []):
-            prefix, _, rest = tag.partition("/")
-            if not rest:
-                continue
-            events = accumulator.Scalars(tag)
-            if prefix in prefixes:
-                per_quantity[prefixes[prefix]][rest] = {e.step: e.value for e in events}
-            elif prefix == SUMMARY:
-                _read_summary(history, rest, events, totals)
-
-        grads = per_quantity["grad_norm"]
-        if not grads:
-            return history
-        layers = list(grads)
-        steps = sorted({step for values in grads.values() for step in values})
-        for step in steps:
-            present = [step in grads[name] for name in layers]
-            params = per_quantity["param_norm"]
-            param_norms = [params.get(name, {}).get(step) for name in layers] if params else None
-            history.record(
-                step,
-                layers,
-                [grads[name].get(step, 0.0) for name in layers],
-                total_norm=totals.get(step),
-                param_norms=param_norms,
-                has_grad=present,
-            )
-            ratios = per_quantity["update_ratio"]
-            names = [name for name in layers if step in ratios.get(name, {})]
-            if names:
-                history.record_update_ratios(step, names, [ratios[n][step] for n in names])
-        return history
-
-
-_COUNTER_ALIASES: dict[str, str] = {
-    "nonfinite": "nonfinite",
-    "non_finite": "nonfinite",
-    "nonfinite_count": "nonfinite",
-    "exploding": "exploding",
-    "exploding_count": "exploding",
-    "vanishing": "vanishing",
-    "vanishing_count": "vanishing",
-    "amp_overflow": "amp_overflow",
-    "amp_overflows": "amp_overflow",
-    "skipped": "skipped_steps",
-    "skipped_steps": "skipped_steps",
-}
-
-
-def _read_summary(
-    history: GradientHistory, name: str, events: Sequence[Any], totals: dict[int, float]
-) -> None:
-    base = name.rsplit("/", 1)[-1]  # drop an optimizer label
-    if base == "total_grad_norm":
-        totals.update({e.step: e.value for e in events})
-    elif base in ("clipped_fraction", "clip_fraction") and events:
-        # logged per interval (fraction of the steps since the previous log): weight each
-        # value by the steps it covers
-        covered = clipped = 0.0
-        previous = -1
-        for event in sorted(events, key=lambda e: e.step):
-            steps = max(event.step - previous, 1)
-            covered += steps
-            clipped += event.value * steps
-            previous = event.step
-        fraction = clipped / covered
-        current = history.clipped_fraction
-        history.clipped_fraction = fraction if current is None else max(current, fraction)
-    elif base in _COUNTER_ALIASES and events:
-        key = _COUNTER_ALIASES[base]
-        # counters are logged cumulatively: the last value is the total
-        history.counts[key] = max(history.counts.get(key, 0), int(events[-1].value))
-
-
-def event_files(logdir: str) -> list[str]:
-    """Every ``events.out.tfevents.*`` file under ``logdir`` (recursively)."""
-    pattern = os.path.join(glob.escape(logdir), "**", "events.out.tfevents.*")
-    return sorted(glob.glob(pattern, recursive=True))
-
-
-def find_run_dir(logdir: str) -> str:
-    """The run folder to read in ``logdir``: the one with the newest event file.
-
-    Raises:
-        FileNotFoundError: if there is no event file under ``logdir``.
-    """
-    files = event_files(logdir)
-    if not files:
-        raise FileNotFoundError(
-            f"no TensorBoard event files (events.out.tfevents.*) under {logdir!r}"
-        )
-    newest = max(files, key=lambda f: (os.path.getmtime(f), f))
-    return os.path.dirname(newest)
+        return read_run(newest_run(logdir), max_steps=max_steps).history
 
 
 def event_to_dict(event: Any) -> dict[str, Any]:
@@ -443,8 +292,8 @@ def event_to_dict(event: Any) -> dict[str, Any]:
         {'step': 3, 'kind': 'nonfinite', 'layers': ['fc1']}
     """
     if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        return _plain(dataclasses.asdict(event))
-    return _plain(dict(event))
+        return plain(dataclasses.asdict(event))
+    return plain(dict(event))
 
 
 def _merge_nonfinite(columns: list[np.ndarray], index: int, other: np.ndarray) -> None:
@@ -457,14 +306,3 @@ def _merge_nonfinite(columns: list[np.ndarray], index: int, other: np.ndarray) -
         column = np.concatenate([column, np.full(len(other) - len(column), _MISSING)])
     column[: len(other)][bad] = other[bad]
     columns[index] = column
-
-
-def _plain(value: Any) -> Any:
-    """Make ``value`` JSON-friendly (tensors and numpy scalars become floats/lists)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
