@@ -225,16 +225,19 @@ class RunData:
         from tensorboard.data import provider as tb_provider
 
         listing = self.provider.list_tensors(ctx, experiment_id=experiment, plugin_name=TEXT_PLUGIN)
-        if tag not in listing.get(run, {}):
+        # torch's SummaryWriter.add_text stores the text under "<tag>/text_summary"
+        tags = [t for t in (tag, f"{tag}/text_summary") if t in listing.get(run, {})]
+        if not tags:
             return []
         data = self.provider.read_tensors(
             ctx,
             experiment_id=experiment,
             plugin_name=TEXT_PLUGIN,
             downsample=DOWNSAMPLE,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags),
         )
-        entries = [(d.step, _text_of(d)) for d in data.get(run, {}).get(tag, [])]
+        series = data.get(run, {})
+        entries = [(d.step, _text_of(d)) for t in tags for d in series.get(t, [])]
         return sorted(entries, key=lambda e: e[0])
 
     def events(self, ctx: Any, experiment: str, run: str) -> list[dict[str, Any]]:
