@@ -125,7 +125,6 @@ class GradGuardPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_report(self, request: Any) -> Any:
-        ctx, experiment = self._request(request)
         run = self._run_arg(request)
         run_dir = order.run_directory(self._data.logdir, run)
         if run_dir is None or not order.event_files(run_dir):
@@ -133,11 +132,8 @@ class GradGuardPlugin(base_plugin.TBPlugin):
                 f"no local event files for run={run!r} under the logdir "
                 f"{self._data.logdir!r}: the report is built from a run's files on disk"
             )
-        config = self._data.config(ctx, experiment, run) or {}
-        precision = config.get("precision") if isinstance(config.get("precision"), str) else None
-        events = self._data.events(ctx, experiment, run)
         try:
-            body = build_report_json(run_dir, precision=precision, events=events)
+            body = build_report_json(run_dir)
         except Exception as err:  # the report is optional: say why, keep the tab working
             message = f"the report of run={run!r} could not be built: {type(err).__name__}: {err}"
             return http_util.Respond(request, {"error": message}, "application/json", code=500)
