@@ -168,8 +168,8 @@ class ActivationHooks:
             )
         layers = group_parameters(model, granularity, include, exclude)
         self.saturation_threshold = check_float(
-            "saturation_threshold", saturation_threshold, minimum=0.5, maximum=1.0,
-            inclusive_max=False,
+            "saturation_threshold", saturation_threshold, 0.5, 1.0,
+            inclusive_min=True, inclusive_max=False,
         )  # fmt: skip
         self.layer_names: list[str] = [layer.name for layer in layers]
         index = {name: i for i, name in enumerate(self.layer_names)}
