@@ -110,11 +110,11 @@ def plain_run(root: str) -> str:
     return os.path.join(root, "plain")
 
 
-def make_logdir(root: str) -> dict[str, str]:
+def make_logdir(root: str, steps: int = 12) -> dict[str, str]:
     """run name -> folder, for the runs the dashboard tests read."""
     return {
-        "relu": fit_run(root, "relu"),
-        "sigmoid": fit_run(root, "sigmoid", activation="sigmoid"),
+        "relu": fit_run(root, "relu", steps=steps),
+        "sigmoid": fit_run(root, "sigmoid", activation="sigmoid", steps=steps),
         "synthetic": synthetic_run(root),
     }
 
