@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "REPORT_FORMAT": "grad_guard.report.health_report",
     "build_report": "grad_guard.report.build",
     "report_from_event_files": "grad_guard.report.build",
+    "report_from_run": "grad_guard.report.build",
     "layer_rows": "grad_guard.report.build",
     "report_for_trainer": "grad_guard.report.trainer",
     "log_dir": "grad_guard.report.trainer",
@@ -86,6 +87,7 @@ __all__ = [
     "read_run",
     "report_for_trainer",
     "report_from_event_files",
+    "report_from_run",
 ]
 
 
@@ -103,7 +105,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from grad_guard.report.build import build_report, layer_rows, report_from_event_files
+    from grad_guard.report.build import (
+        build_report,
+        layer_rows,
+        report_from_event_files,
+        report_from_run,
+    )
     from grad_guard.report.findings import Finding, LayerRow, Severity
     from grad_guard.report.health_report import REPORT_FORMAT, Report
     from grad_guard.report.logged_events import EVENTS_TAG

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from grad_guard.report.health_report import Report
 from grad_guard.report.model_info import inspect_model
 from grad_guard.report.rules import Evidence, Thresholds, run_rules
 from grad_guard.report.run_config import RunConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from grad_guard.report.run_reader import RunData
 
 
 def build_report(
@@ -26,6 +29,7 @@ def build_report(
     events: Sequence[Any] | None = None,
     thresholds: Thresholds | None = None,
     config: RunConfig | Mapping[str, Any] | None = None,
+    activations: Any = None,
 ) -> Report:
     """Build the :class:`Report` of a run from its history.
 
@@ -43,6 +47,8 @@ def build_report(
         config: the run's grad_guard settings (a :class:`RunConfig` or the
             ``grad_guard/config`` JSON object), so that the advice does not recommend
             what the run already uses.
+        activations: per-layer activation statistics (an ``ActivationHistory`` or a
+            mapping layer -> ``LayerActivations``), for the activation rules.
 
     Raises:
         ValueError: if ``config`` is a mapping of the wrong shape.
@@ -70,7 +76,7 @@ def build_report(
     precision = precision or (config.precision if config is not None else None)
 
     rows = layer_rows(history, event_list, limits)
-    evidence = Evidence(history, rows, info, limits, totals, precision, config)
+    evidence = Evidence(history, rows, info, limits, totals, precision, config, activations)
     findings = run_rules(evidence)
     steps = (
         (history.first_step, history.last_step)
@@ -115,7 +121,13 @@ def report_from_event_files(
     """
     from grad_guard.report.run_reader import read_run
 
-    run = read_run(run_dir, max_steps=max_steps)
+    return report_from_run(read_run(run_dir, max_steps=max_steps), precision, thresholds)
+
+
+def report_from_run(
+    run: RunData, precision: str | None = None, thresholds: Thresholds | None = None
+) -> Report:
+    """The report of a run already read with :func:`~grad_guard.report.run_reader.read_run`."""
     report = build_report(
         run.history,
         precision=precision,

@@ -8,7 +8,9 @@ values, a :class:`FileRead` that says how many bytes and records were read and w
 stopped early, if it did.
 
 Only what the report needs is decoded: scalar values (``simple_value`` or a one-element
-float tensor) and text (string tensors, as ``SummaryWriter.add_text`` writes).
+float tensor) and text (string tensors, as ``SummaryWriter.add_text`` writes; its
+``/text_summary`` tag suffix is dropped, so texts come back under the tag given to
+``add_text``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 _HEADER = 12  # uint64 length + uint32 masked CRC of the length
 _FOOTER = 4  # uint32 masked CRC of the data
 _DT_STRING = 7  # tensorflow DataType enum
+# torch's SummaryWriter.add_text(tag, ...) stores the text under "<tag>/text_summary"
+TEXT_SUFFIX = "/text_summary"
 
 
 @dataclass
@@ -162,7 +166,8 @@ def _collect(event: Any, data: EventData) -> None:
             tensor = value.tensor
             if tensor.dtype == _DT_STRING and tensor.string_val:
                 text = tensor.string_val[0].decode("utf-8", errors="replace")
-                data.texts.append((step, value.tag, text))
+                tag = value.tag.removesuffix(TEXT_SUFFIX)
+                data.texts.append((step, tag, text))
             elif value.metadata.plugin_data.plugin_name in ("scalars", ""):
                 number = _tensor_scalar(tensor)
                 if number is not None:

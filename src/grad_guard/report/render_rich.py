@@ -43,7 +43,7 @@ def print_rich(report: Report, file: TextIO, max_rows: int | None) -> None:
     console = Console(file=file, width=None if isatty(file) else 140)
 
     def say(text: str, style: str | None = None) -> None:
-        console.print(text, style=style, markup=False, highlight=False)
+        console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
     say(headline(report), "bold")
     for line in notice_lines(report):

@@ -39,10 +39,25 @@ def register(rule: Rule, before: Rule | None = None) -> Rule:
     return rule
 
 
+def _rules_for(evidence: Evidence) -> list[Rule]:
+    rules = list(RULES)
+    if evidence.activations is not None:
+        # imported only when there are activation statistics: it needs torch
+        from grad_guard.report.rules.activations import activations
+
+        if activations not in rules:
+            rules.append(activations)
+    return rules
+
+
 def run_rules(evidence: Evidence) -> list[Finding]:
-    """Apply every rule of :data:`RULES` to ``evidence``; the findings, rule order."""
+    """Apply every rule of :data:`RULES` to ``evidence``; the findings, rule order.
+
+    With activation statistics (``evidence.activations``) the activation rules of
+    :mod:`grad_guard.report.rules.activations` run last.
+    """
     findings: list[Finding] = []
-    for rule in RULES:
+    for rule in _rules_for(evidence):
         new = rule(evidence)
         for finding in new:
             if finding.rule.startswith("vanishing"):

@@ -59,6 +59,7 @@ class Evidence:
         profile: layer -> median finite, positive gradient norm.
         weight_layers: layers holding Linear/Conv weights, forward order.
         total_norms: the total gradient norm per kept column.
+        activations: per-layer activation statistics (ActivationMonitor), if given.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Evidence:
         totals: dict[str, Any],
         precision: str | None = None,
         config: RunConfig | None = None,
+        activations: Any = None,
     ) -> None:
         self.history = history
         self.rows = rows
@@ -78,6 +80,7 @@ class Evidence:
         self.totals = totals
         self.precision = precision
         self.config = config
+        self.activations = activations
         self._by_name = {r.name: r for r in rows}
         grads = history.matrix("grad_norm").filled(np.nan)
         profile = []
