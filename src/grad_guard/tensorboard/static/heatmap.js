@@ -176,9 +176,22 @@ export function heatmap(data, options) {
   canvas.addEventListener('mouseleave', () => options.tooltip.hide());
   canvas.addEventListener('click', (event) => {
     const c = cell(event);
-    if (c && options.onColumn) options.onColumn(data.steps[c.i], c.i);
+    if (!c) return;
+    if (event.shiftKey && options.onRow) options.onRow(data.layers[c.j], c.j);
+    else if (options.onColumn) options.onColumn(data.steps[c.i], c.i);
   });
-  scroller.append(canvas);
+  const marker = document.createElement('div');
+  marker.className = 'gg-col-marker';
+  marker.style.display = 'none';
+  scroller.append(canvas, marker);
+  // outline the column of `step` (null: none), e.g. the step the flow chart shows
+  root.markStep = (step) => {
+    const i = step === null ? -1 : data.steps.indexOf(step);
+    marker.style.display = i < 0 ? 'none' : 'block';
+    marker.style.left = `${i * cellW - 1}px`;
+    marker.style.width = `${cellW}px`;
+    marker.style.height = `${rows * cellH}px`;
+  };
   const axis = span(cols ? `steps ${data.steps[0]} … ${data.steps[cols - 1]} (${cols} logged)` : 'no steps', 'gg-axis');
   grid.append(labels, scroller);
   root.append(grid, axis);

@@ -132,18 +132,25 @@ async function update() {
   ui.maps.append(legend(scale));
   const row = el('div', 'gg-multiples');
   const each = Math.floor((width() - 16 * (runs.length - 1)) / Math.max(1, runs.length));
+  const maps = [];
+  const markStep = () => {
+    for (const m of maps) m.markStep(state.detail && state.detail.kind === 'step' ? state.detail.step : null);
+  };
   for (const data of usable) {
-    row.append(heatmap(data, {
+    const map = heatmap(data, {
       scale, width: each, maxHeight: runs.length > 1 ? 360 : 520, tooltip: ui.tooltip,
       title: `${data.run}: ${data.layers.length} layers × ${data.steps.length} steps (input at the top)`,
       labels: true,
-      onColumn: (step) => { state.detail = {kind: 'step', step}; drawDetail(usable, scale); },
-      onRow: (layer) => { state.detail = {kind: 'layer', layer}; drawDetail(usable, scale); },
-    }));
+      onColumn: (step) => { state.detail = {kind: 'step', step}; markStep(); drawDetail(usable, scale); },
+      onRow: (layer) => { state.detail = {kind: 'layer', layer}; markStep(); drawDetail(usable, scale); },
+    });
+    maps.push(map);
+    row.append(map);
   }
   ui.maps.append(row);
+  markStep();
   ui.maps.append(el('p', 'gg-muted',
-    'Hover a cell for its layer, step and value; click a column for the gradient flow of that step, a layer name for its history.'));
+    'Hover a cell for its layer, step and value; click a column for the gradient flow of that step; click a layer name (or shift-click a cell) for its history.'));
   drawDetail(usable, scale);
   await drawRunPanels(runs);
 }
