@@ -1,6 +1,5 @@
 import os
 import sys
-import warnings
 
 import pytest
 
@@ -18,10 +17,3 @@ def _one_thread_per_test():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning():
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    yield
