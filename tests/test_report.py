@@ -217,3 +217,51 @@ def test_report_without_data_and_json_is_strict(tmp_path):
     rich_out = io.StringIO()
     report.print(file=rich_out)
     assert "a" in rich_out.getvalue() and "NaN/Inf" in rich_out.getvalue()
+
+
+def test_one_json_safe_conversion_for_the_whole_report(tmp_path):
+    from grad_guard.jsonsafe import from_json_number, json_safe, plain
+
+    history = GradientHistory()
+    history.record(0, ["a", "b"], [math.inf, 1.0], total_norm=math.inf)
+    history.add_event({"step": 0, "kind": "nonfinite", "layers": ["a"], "values": [math.inf]})
+    data = build_report(history).to_dict()
+    json.dumps(data, allow_nan=False)  # strict JSON
+    assert data["events"][0]["values"] == ["inf"]  # an overflow is not a missing value
+    assert history.events[0]["values"] == [math.inf]  # in memory it stays a float
+    assert json_safe([math.nan, -math.inf, torch.tensor([1.5])]) == [None, "-inf", [1.5]]
+    assert plain((torch.tensor(2.0), math.nan))[0] == 2.0
+    assert from_json_number("inf") == math.inf
+
+
+def test_rule_registry_runs_an_added_rule_in_order():
+    from grad_guard.report import Finding, rules
+
+    def always(evidence):
+        return [Finding("always", "info", "always fires", [f"{len(evidence.rows)} rows"], [])]
+
+    history = GradientHistory()
+    history.record(0, ["a"], [1.0])
+    try:
+        rules.register(always, before=rules.RULES[0])
+        assert rules.RULES[0] is always
+        assert build_report(history).rules() == ["always"]
+    finally:
+        rules.RULES.remove(always)
+    assert build_report(history).rules() == []
+    with pytest.raises(TypeError, match="rule"):
+        rules.register("not a function")
+
+
+def test_run_config_is_validated():
+    from grad_guard.report import RunConfig
+
+    config = RunConfig.from_json('{"version": 1, "clipping": null, "detection": null}')
+    assert config.clip_algorithm is None and config.action("on_nonfinite") is None
+    assert "no clipping" in config.describe()
+    with pytest.raises(ValueError, match="not JSON"):
+        RunConfig.from_json("{nope")
+    with pytest.raises(ValueError, match=r"`clipping`.*got 'AutoClip'"):
+        RunConfig.from_mapping({"clipping": "AutoClip"})
+    with pytest.raises(ValueError, match="JSON object"):
+        build_report(GradientHistory(), config=["AutoClip"])
