@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import warnings
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -101,13 +100,19 @@ def test_parts_switched_off_with_false_and_null():
     assert type(guard.detection) is grad_guard.GradientAnomalyDetection
 
 
-def test_deprecated_clipping_name_still_builds_from_yaml():
+def test_gradient_clipping_yaml_builds_the_algorithm():
+    config = _callback_file("gradient_clipping").gradient_clipping
+    clipping = instantiate(config)
+    assert type(clipping) is grad_guard.GradientClipping
+    assert type(clipping.algorithm) is grad_guard.AutoClip
+    assert clipping.algorithm.percentile == 10.0
+
+
+def test_deprecated_clipping_name_still_builds_from_yaml_and_says_so():
     config = _callback_file("adaptive_gradient_clipping").adaptive_gradient_clipping
-    with warnings.catch_warnings():
-        # the alias may warn that it is deprecated; what counts is that it still builds
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with pytest.warns(DeprecationWarning, match="`AdaptiveGradientClipping` is now `GradientClipping`"):
         clipping = instantiate(config)
-    assert isinstance(clipping, grad_guard.AdaptiveGradientClipping)
+    assert isinstance(clipping, grad_guard.GradientClipping)
     assert type(clipping.algorithm) is grad_guard.AutoClip
     assert clipping.algorithm.percentile == 10.0
 
