@@ -182,6 +182,7 @@ def test_clicking_a_column_shows_the_gradient_flow(tab: Any, server: dict[str, A
     for j in range(len(LAYERS)):
         value = float(bars.nth(j).get_attribute("data-value"))
         assert value == pytest.approx(body["values"][j][4], rel=1e-6)
+    assert heatmap.locator(".gg-col-marker").is_visible()
     frame.locator('.gg-heatmap[data-run="relu"] .gg-row-label', has_text="blocks.3").click()
     frame.locator('.gg-series[data-layer="blocks.3"]').wait_for()
 
@@ -225,3 +226,33 @@ def test_small_multiples_share_one_colour_scale(tab: Any, server: dict[str, Any]
         frame.locator(".gg-flow").first.wait_for()
         hover_cell(frame, heatmap, 0, 6)
         page.screenshot(path=target)
+
+
+def test_nonfinite_and_missing_cells_and_activation_heatmaps(tab: Any) -> None:
+    _page, frame = tab
+    frame.locator('.gg-run-picker input[value="relu"]').uncheck()
+    frame.locator('.gg-run-picker input[value="synthetic"]').check()
+    heatmap = frame.locator('.gg-heatmap[data-run="synthetic"]')
+    heatmap.wait_for()
+    assert heatmap.locator(".gg-row-label").all_inner_texts() == ["in", "mid", "out"]
+    tip = hover_cell(frame, heatmap, 0, 1)
+    assert tip.get_attribute("data-value") == "NaN" and "grad_norm: NaN" in tip.inner_text()
+    tip = hover_cell(frame, heatmap, 1, 2)
+    assert tip.get_attribute("data-value") == "null" and "no gradient" in tip.inner_text()
+    assert hover_cell(frame, heatmap, 2, 1).get_attribute("data-value") == "0"
+    assert frame.locator(".gg-legend").inner_text().count("zero") == 1
+    frame.locator('.gg-quantities button[data-quantity="activation_std"]').click()
+    frame.locator('.gg-heatmap[data-run="synthetic"][data-tag="activation_std"]').wait_for()
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_missing_browser_skips_outside_ci_and_fails_in_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="Chromium at /nonexistent/chromium"):
+        chromium_or_skip()

@@ -97,6 +97,10 @@ def synthetic_run(root: str) -> str:
     }
     for step, values in rows.items():
         write_scalars(writer, {f"grad_norm/{k}": v for k, v in values.items()}, step)
+        # activation statistics, as ActivationMonitor logs them (module names, own event)
+        write_scalars(
+            writer, {"activation_std/act1": 0.5 * (step + 1), "dead_fraction/act1": 0.0}, step
+        )
     writer.close()
     return run_dir
 
@@ -200,6 +204,18 @@ def test_heatmap_marks_nonfinite_zero_and_missing_cells(
     assert body["steps"] == [0, 1, 2]
     assert body["values"] == [[1.0, "NaN", 2.0], [0.5, "Infinity", None], [0.25, 0.0, 4.0]]
     assert_matches_accumulator(body, logdir[1]["synthetic"], "grad_norm")
+
+
+def test_heatmap_serves_activation_statistics(
+    client: werkzeug_test.Client, logdir: tuple[str, dict[str, str]]
+) -> None:
+    runs = {r["run"]: r for r in get(client, "runs")}
+    assert {"activation_std", "dead_fraction"} <= set(runs["synthetic"]["quantities"])
+    assert "activation_std" not in runs["relu"]["quantities"]
+    body = get(client, "heatmap", run="synthetic", tag="activation_std")
+    assert body["layers"] == ["act1"] and body["values"] == [[0.5, 1.0, 1.5]]
+    dead = get(client, "heatmap", run="synthetic", tag="dead_fraction")
+    assert_matches_accumulator(dead, logdir[1]["synthetic"], "dead_fraction")
 
 
 def test_events_parse_the_anomaly_text(client: werkzeug_test.Client) -> None:
