@@ -105,6 +105,7 @@ KIND_OF = {
     "max_events": "count0",
     "log_param_norms": "flag",
     "log_update_ratio": "flag",
+    "fold_into_optimizer": "flag",
     "histogram_every_n_steps": "count_or_none",
     "max_histogram_layers": "count",
     "histogram_bins": "count2",
