@@ -332,3 +332,22 @@ def test_bad_option_values_are_refused(tmp_path, capsys, option, value, message)
     err = capsys.readouterr().err
     assert message in err and (value in err)
     assert not (tmp_path / "run" / "grad_guard_report.json").exists()
+
+
+def test_a_real_fit_logs_the_settings_the_report_reads_back(tmp_path, capsys):
+    from grad_guard import AdaptiveGradientClipping, AutoClip, GradientAnomalyDetection
+    from grad_guard.report import read_run
+
+    callbacks = [
+        GradientNormMonitor(log_every_n_steps=2, image_every_n_steps=None),
+        GradientAnomalyDetection(log_every_n_steps=2),
+        AdaptiveGradientClipping(AutoClip(), log_every_n_steps=2),
+    ]
+    t = trainer(tmp_path, max_steps=8, callbacks=callbacks)
+    t.fit(TinyModule(), make_loader())
+    run = read_run(t.logger.log_dir)
+    assert run.complete and run.config_error is None
+    assert run.config.clip_algorithm == "AutoClip" and run.config.precision == "32-true"
+    assert run.config.action("on_nonfinite") == "skip"
+    assert report([t.logger.log_dir]) == 0
+    assert "run settings: precision 32-true; clipping AutoClip(" in capsys.readouterr().out

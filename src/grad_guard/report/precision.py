@@ -20,8 +20,8 @@ PRECISIONS: tuple[str, ...] = (
 
 FP16: frozenset[str] = frozenset({"16", "16-mixed", "16-true", "fp16", "half", "float16"})
 BF16: frozenset[str] = frozenset({"bf16", "bf16-mixed", "bf16-true", "bfloat16"})
-TRUE_FP16: frozenset[str] = frozenset({"16-true", "16", "half", "fp16", "float16"})
-"""fp16 without fp32 master weights or loss scaling."""
+TRUE_FP16: frozenset[str] = frozenset({"16-true", "half", "fp16", "float16"})
+"""fp16 without fp32 master weights or loss scaling (Lightning reads "16" as "16-mixed")."""
 
 
 def check_precision(value: str | None) -> str | None:
