@@ -59,7 +59,7 @@ def test_help_texts_list_each_command_and_option():
     for option in ("--quick", "--out", "--steps", "--depth", "--seed", "--no-progress"):
         assert option in demo
     _, _, report = _probe("report", "--help")
-    for option in ("logdir", "--out", "--window", "--max-rows", "--precision"):
+    for option in ("logdir", "--out", "--overwrite", "--window", "--max-rows", "--precision"):
         assert option in report
 
 
@@ -120,6 +120,39 @@ def test_demo_options_match_the_demos_own_parser():
 
     ours = _options(cli.subcommands(cli.parser())["demo"])
     assert ours == _options(demo.parser())
+
+
+def _positionals(parser: argparse.ArgumentParser) -> list[str]:
+    return [action.dest for action in parser._actions if not action.option_strings]
+
+
+def test_report_options_match_the_report_commands_own_parser():
+    from grad_guard.report import command
+
+    ours, theirs = cli.subcommands(cli.parser())["report"], command.build_parser()
+    assert _options(ours) == _options(theirs)
+    assert _positionals(ours) == _positionals(theirs) == ["logdir"]
+
+
+def test_report_arguments_reach_the_report_command(monkeypatch):
+    from grad_guard.report import command
+
+    seen = []
+    monkeypatch.setattr(command, "run", lambda args: seen.append(vars(args)) or 7)
+    argv = ["report", "logs", "--out", "o", "--overwrite", "--window", "3", "--precision", "16"]
+    assert cli.main(argv) == 7
+    assert seen == [
+        {
+            "version": False,
+            "command": "report",
+            "logdir": "logs",
+            "out": "o",
+            "overwrite": True,
+            "window": 3,
+            "max_rows": 40,
+            "precision": "16-mixed",
+        }
+    ]
 
 
 def test_demo_gets_its_command_line_untouched(monkeypatch, capsys):

@@ -1,9 +1,9 @@
 """The ``grad-guard`` command: an argparse layer that imports the work it starts lazily.
 
-* ``grad-guard report LOGDIR [--out DIR]``: read the TensorBoard event files of a
-  finished (or running) run, print the gradient health report, and write
-  ``grad_guard_report.json``/``.md`` and the heatmap / gradient-flow PNGs. Nothing is
-  trained; Lightning is not imported.
+* ``grad-guard report LOGDIR [--out DIR] [--overwrite]``: the gradient health report of
+  every run under ``LOGDIR``, read from its TensorBoard event files
+  (:mod:`grad_guard.report.command` does the work). Nothing is trained; Lightning is not
+  imported.
 * ``grad-guard demo [--quick] ...``: the vanishing/exploding gradients demo
   (:mod:`grad_guard.demo`).
 * ``grad-guard --version``.
@@ -12,7 +12,8 @@ Parsing imports nothing but argparse and ``grad_guard`` itself (which is lazy), 
 ``--help`` of every command and a refused option answer at once: torch, Lightning and
 numpy are imported only by the command that runs. The demo's options are therefore
 declared here as well as in :func:`grad_guard.demo.parser`, which still parses the
-demo's command line (anything unknown here is handed to it); a test keeps the two equal.
+demo's command line (anything unknown here is handed to it), and the report's as well as
+in :func:`grad_guard.report.command.build_parser`; tests keep them equal.
 
 Example:
     >>> main(["--version"])  # doctest: +ELLIPSIS
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -77,11 +77,17 @@ def _precision(text: str) -> str:
 
 
 def _add_report_options(report: argparse.ArgumentParser) -> None:
+    report.add_argument("logdir", help="a run folder, or a folder of runs (every run is read)")
     report.add_argument(
-        "logdir", help="a run folder, or a parent of run folders (each run is read)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write here instead of next to each run (one sub-folder per run)",
     )
     report.add_argument(
-        "--out", default=None, help="where to write the files (default: each run's folder)"
+        "--overwrite",
+        action="store_true",
+        help="replace existing report files (default: keep them and say so)",
     )
     report.add_argument(
         "--window",
@@ -161,12 +167,12 @@ def parser() -> argparse.ArgumentParser:
             "report",
             help="print the gradient report of TensorBoard log directories",
             description=(
-                "Read the grad_guard scalars (grad_norm/<layer>, param_norm/<layer>, "
-                "update_ratio/<layer>, grad_guard/...) from the TensorBoard event files of "
-                "a run, or of every run under a folder, print the per-layer table and the "
-                "diagnosis, and write grad_guard_report.json, grad_guard_report.md, "
-                "gradient_heatmap.png and gradient_flow.png. Works on a running run; "
-                "nothing is trained."
+                "Read the grad_guard scalars, settings and anomaly events from the "
+                "TensorBoard event files of every run under LOGDIR, print each run's "
+                "per-layer table and diagnosis and one summary line per run, and write "
+                "grad_guard_report.json, grad_guard_report.md, gradient_heatmap.png and "
+                "gradient_flow.png next to each run. Existing report files are kept unless "
+                "--overwrite is given. Works on a running run; nothing is trained."
             ),
         )
     )
@@ -195,49 +201,9 @@ def subcommands(root: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 def _report(args: argparse.Namespace) -> int:
-    from grad_guard.history import GradientHistory
-    from grad_guard.report import build_report
+    from grad_guard.report.command import run
 
-    if not os.path.isdir(args.logdir):
-        print(f"grad-guard report: {args.logdir!r} is not a directory", file=sys.stderr)
-        return 2
-    try:
-        history = GradientHistory.from_event_files(args.logdir)
-    except FileNotFoundError as err:
-        print(f"grad-guard report: {err}", file=sys.stderr)
-        return 2
-    run_dir = history.meta.get("run_dir", args.logdir)
-    if not history.layers:
-        print(
-            f"grad-guard report: the event files in {run_dir!r} hold no grad_guard gradient "
-            "norms (tags grad_norm/<layer>); was GradientNormMonitor or GradGuard on the "
-            "Trainer's callbacks?",
-            file=sys.stderr,
-        )
-        return 1
-    report = build_report(history, precision=args.precision)
-    print(f"run: {run_dir}")
-    report.print(max_rows=args.max_rows)
-    out = args.out or run_dir
-    try:
-        paths = report.write(out)
-    except OSError as err:
-        print(
-            f"grad-guard report: cannot write to {out!r} ({err}); pass --out DIR", file=sys.stderr
-        )
-        return 1
-    written = [paths["json"], paths["markdown"]]
-    from grad_guard import plots
-
-    if plots.available():
-        written += plots.save_pictures(history, out, window=args.window)
-    else:
-        print(
-            'grad-guard report: matplotlib is not installed, no PNG written: pip install "grad-guard[plot]"',
-            file=sys.stderr,
-        )
-    print("wrote " + ", ".join(written))
-    return 0
+    return run(args)
 
 
 def _demo(argv: list[str]) -> int:
