@@ -60,10 +60,13 @@ BAD: dict[str, list[Any]] = {
     "patterns": [{"net": 1}, 5, 1.5, True, "(", ["("], [5], ["net", None], {"net"}, b"net"],
     "action": ["ignore", "SKIP", "skip ", "", None, True, 1, ["skip"]],
     "granularity": ["modules", "", 0, -1, True, False, 1.5, "1", None, ["module"]],
+    # activations belong to modules: one layer per parameter tensor makes no sense
+    "granularity_module": ["parameter", "modules", 0, -1, True, 1.5, "1", None],
     "unit_interval": [True, "0.9", 0, 0.0, 1, 1.0, 1.5, -0.1, NAN, INF, None],
     "ratio_or_none": [True, "1e-5", 0, 1, 1.5, -1e-5, NAN, INF],
     "percentile": [True, "10", 0, -1, 100.5, 101, NAN, INF, None],
     "clip_option": ["adaptive", "MEAN", "", None, True, 0],
+    "saturation": [True, "0.99", 0.4, 1.0, 1.5, -1, NAN, INF, None],
     "algorithm": ["zclip", "ZSCORE", 5, 1.5, None, True, {"name": "zscore"}],
     "clipping_or_none": ["zclip", "ZSCORE", 5, 1.5, {"name": "zscore"}],
     "model": [5, "net", None, True, torch.zeros(2), [nn.Linear(2, 2)]],
@@ -118,6 +121,7 @@ KIND_OF = {
     "model": "model",
     "optimizer": "optimizer_or_none",
     "writer": "writer",
+    "saturation_threshold": "saturation",
     **{name: "action" for name in ALLOWED_ACTIONS},
 }
 #: (class, argument) -> kind, where the class differs from KIND_OF
@@ -128,6 +132,7 @@ OVERRIDES = {
     ("GradientGuard", "clipping"): "clipping_or_none",
     ("GradientGuard", "detection"): "detection_config",
     ("GradGuard", "clipping"): "clipping_or_none",
+    ("ActivationMonitor", "granularity"): "granularity_module",
 }
 #: classes that are no constructor users call with options
 EXEMPT_CLASSES = {
@@ -315,6 +320,7 @@ CLI_EXEMPT = {
     "--out": "any path; a write failure is reported when writing (test_cli_report)",
     "--quick": "a flag",
     "--no-progress": "a flag",
+    "--overwrite": "a flag",
 }
 
 
