@@ -690,10 +690,9 @@ def fsdp1_full_state(trainer: L.Trainer, module: L.LightningModule) -> dict[str,
 
 def group_layers(trainer: L.Trainer) -> list[Any]:
     """The layers grad_guard forms for the Trainer's first optimizer."""
-    from grad_guard.callbacks.shared_pass import optimizer_parameters
-    from grad_guard.core.layers import group_parameters
+    from grad_guard.core.layers import group_parameters, optimizer_parameters
 
-    params = optimizer_parameters(trainer.optimizers[0])
+    params = optimizer_parameters(trainer.optimizers[0].param_groups)
     return group_parameters(trainer.lightning_module, parameters=params)
 
 

@@ -14,8 +14,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from grad_guard import GradientNormMonitor
-from grad_guard.callbacks import shared_pass
-from grad_guard.callbacks.clipping import AdaptiveGradientClipping
+from grad_guard.callbacks.clipping import AdaptiveGradientClipping, GradientClipping
 from grad_guard.core.clip import AGC, AutoClip, NormClip, ValueClip, ZClip
 
 from helpers import TinyModule, event_dirs, make_loader, read_scalars, trainer
@@ -35,15 +34,12 @@ def scalars_of(tmp_path: Any) -> dict[str, dict[int, float]]:
 
 
 class Recorder(L.Callback):
-    """Runs after the clipper: keeps the shared statistics and the clipped grad norm."""
+    """Runs after the clipper: keeps the clipped grad norm."""
 
     def __init__(self) -> None:
-        self.contexts: list[Any] = []
         self.post_norms: list[float] = []
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        context = shared_pass.step_context(trainer, pl_module, optimizer)
-        self.contexts.append(context)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.post_norms.append(torch.nn.utils.get_total_norm(grads).item())
 
@@ -117,7 +113,7 @@ def test_logs_clipping_scalars_and_shares_the_pass(tmp_path):
     scalars = scalars_of(tmp_path)
     for name in CLIP_TAGS:
         assert sorted(scalars[name]) == [0, 2, 4], name
-    assert shared_pass.passes(t) == 6  # one statistics pass per step, for both callbacks
+    assert t.grad_guard_session.engine.passes == 6  # one statistics pass per step, for both
     for step in (0, 2, 4):
         pre, post = (
             scalars["grad_guard/clip/pre_norm"][step],
@@ -129,9 +125,9 @@ def test_logs_clipping_scalars_and_shares_the_pass(tmp_path):
         assert recorder.post_norms[step] == pytest.approx(post, rel=1e-4)
         assert scalars["grad_guard/clip/threshold"][step] == pytest.approx(0.05)
         assert scalars["grad_guard/clip/clipped_fraction"][step] == 1.0
-    context = recorder.contexts[-1]
-    assert context.post_clip_total_norm.item() == pytest.approx(recorder.post_norms[-1], rel=1e-4)
-    assert context.clip_threshold.item() == pytest.approx(0.05)
+    last = clipper.algorithm.last
+    assert last.post_norm.item() == pytest.approx(recorder.post_norms[-1], rel=1e-4)
+    assert last.threshold.item() == pytest.approx(0.05)
     assert clipper.clipped_fraction == 1.0 and clipper.steps == 6
     for regexes in clipper.layout_charts().values():
         assert any(re.search(r, name) for r in regexes for name in CLIP_TAGS)
@@ -161,21 +157,6 @@ def test_warns_once_about_double_clipping(tmp_path):
     with pytest.warns() as record:
         t.fit(TinyModule(), make_loader())
     assert not [w for w in record if "both clip" in str(w.message)]
-
-
-def test_does_nothing_on_a_skipped_step(tmp_path):
-    class Skipper(L.Callback):
-        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            shared_pass.step_context(trainer, pl_module, optimizer).skipped = True
-
-    clipper = AdaptiveGradientClipping(NormClip(1e-4))
-    recorder = Recorder()
-    t = trainer(tmp_path, max_steps=3, callbacks=[Skipper(), clipper, recorder])
-    t.fit(TinyModule(), make_loader())
-    assert clipper.steps == 0
-    assert all(c.post_clip_total_norm is None for c in recorder.contexts)
-    assert min(recorder.post_norms) > 1e-3  # the gradients were not clipped
-    assert not any(name.startswith("grad_guard/clip") for name in scalars_of(tmp_path))
 
 
 def test_agc_knows_the_lightning_module(tmp_path):
@@ -262,17 +243,18 @@ def test_state_per_optimizer_in_manual_optimization(tmp_path):
 # -- checkpoints --------------------------------------------------------------------------
 
 
-def test_state_keys_differ_and_both_states_are_saved(tmp_path):
-    first = AdaptiveGradientClipping(ZClip(warmup_steps=2))
-    second = AdaptiveGradientClipping(AutoClip(window=7))
-    assert first.state_key != second.state_key
-    t = trainer(tmp_path, max_steps=3, callbacks=[first, second])
+def test_one_clipper_per_trainer_and_its_state_is_saved(tmp_path):
+    first = GradientClipping(ZClip(warmup_steps=2))
+    second = GradientClipping(AutoClip(window=7))
+    assert first.state_key == second.state_key == AdaptiveGradientClipping("norm").state_key
+    with pytest.raises(RuntimeError, match="more than one stateful callback"):
+        trainer(tmp_path, max_steps=3, callbacks=[first, second])
+    t = trainer(tmp_path, max_steps=3, callbacks=[first])
     t.fit(TinyModule(), make_loader())
     path = os.path.join(str(tmp_path), "last.ckpt")
     t.save_checkpoint(path)
     states = torch.load(path, weights_only=False)["callbacks"]
     assert states[first.state_key]["algorithms"][0]["count"].item() == 3
-    assert states[second.state_key]["algorithms"][0]["history"].shape == (7,)
 
 
 class NoRestore(AdaptiveGradientClipping):

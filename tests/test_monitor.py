@@ -186,7 +186,8 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
     with count_host_syncs(lambda: t.fit_loop.epoch_loop._batches_that_stepped) as counts:
         t.fit(TinyModule(), make_loader(n=256))
     assert counts[0] > 0 and counts[10] > 0 and counts[20] > 0  # the counter does see syncs
-    assert {step for step in counts if step % 10} == set()
+    # 25: after the last step, the end of training reads the last update ratios
+    assert {step for step in counts if step % 10} <= {25}
 
 
 def test_csv_logger_gets_the_scalars(tmp_path):
@@ -250,9 +251,11 @@ def test_histograms_are_capped_and_read_back(tmp_path):
     assert "custom_scalars__config__" in layout
 
 
-def test_state_dict_roundtrip_and_distinct_state_keys():
+def test_state_key_survives_changed_options():
+    # the class identifies the monitor (one per Trainer): a resume with other options
+    # finds its state, and what depends on the options is rebuilt
     a, b = GradientNormMonitor(), GradientNormMonitor(granularity="parameter")
-    assert a.state_key != b.state_key
+    assert a.state_key == b.state_key
     a.logged_steps = 7
     b.load_state_dict(a.state_dict())
     assert b.logged_steps == 7

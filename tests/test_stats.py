@@ -83,16 +83,19 @@ def test_computer_reuses_index_tensors_across_steps():
     assert computer.passes == 2
 
 
-def test_sparse_gradient_is_left_out_with_one_warning():
+def test_sparse_gradient_norm_is_that_of_its_dense_form():
     embedding = nn.Embedding(10, 3, sparse=True)
     linear = nn.Linear(3, 1)
     model = nn.ModuleDict({"embedding": embedding, "linear": linear})
-    linear(embedding(torch.tensor([1, 2]))).sum().backward()
-    computer = GradientStatsComputer(group_parameters(model))
-    with pytest.warns(UserWarning, match="embedding.weight"):
-        stats = computer()
-    assert stats.layer_norms[0].item() == 0.0
-    assert stats.layer_norms[1].item() > 0
+    # index 1 twice: an uncoalesced sparse gradient, whose duplicates must be summed
+    linear(embedding(torch.tensor([1, 2, 1]))).sum().backward()
+    stats = GradientStatsComputer(group_parameters(model))()
+    dense = embedding.weight.grad.to_dense()
+    assert stats.layer_norms[0].item() == pytest.approx(dense.norm().item(), rel=1e-6)
+    embedding.weight.grad = torch.sparse_coo_tensor(
+        torch.tensor([[3]]), torch.tensor([[float("nan"), 0.0, 0.0]]), (10, 3)
+    )
+    assert GradientStatsComputer(group_parameters(model))().nonfinite.tolist() == [True, False]
 
 
 def test_mixed_dtypes_are_grouped_and_combined():

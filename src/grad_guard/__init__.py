@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "GradientNormMonitor": "grad_guard.callbacks.monitor",
     "GradientAnomalyDetection": "grad_guard.callbacks.detection",
     "AdaptiveGradientClipping": "grad_guard.callbacks.clipping",
+    "GradientClipping": "grad_guard.callbacks.clipping",
+    "AnomalyEvent": "grad_guard.core.events",
     "GradGuard": "grad_guard.callbacks.guard",
     "GradientAnomalyError": "grad_guard.core.detect",
     "NormClip": "grad_guard.core.clip",
@@ -42,10 +44,12 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "AGC",
     "AdaptiveGradientClipping",
+    "AnomalyEvent",
     "AutoClip",
     "GradGuard",
     "GradientAnomalyDetection",
     "GradientAnomalyError",
+    "GradientClipping",
     "GradientGuard",
     "GradientNormMonitor",
     "GradientStats",
@@ -59,12 +63,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from grad_guard.callbacks.clipping import AdaptiveGradientClipping
+    from grad_guard.callbacks.clipping import AdaptiveGradientClipping, GradientClipping
     from grad_guard.callbacks.detection import GradientAnomalyDetection
     from grad_guard.callbacks.guard import GradGuard
     from grad_guard.callbacks.monitor import GradientNormMonitor
     from grad_guard.core.clip import AGC, AutoClip, NormClip, ValueClip, ZClip
     from grad_guard.core.detect import GradientAnomalyError
+    from grad_guard.core.events import AnomalyEvent
     from grad_guard.core.layers import group_parameters
     from grad_guard.core.stats import GradientStats, compute_gradient_stats
     from grad_guard.loop import GradientGuard, GuardStep

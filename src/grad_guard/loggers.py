@@ -11,7 +11,6 @@ Only global rank zero writes.
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,84 +19,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Tag prefixes. TensorBoard groups scalars by the text before the first "/", so every
-# layer of one quantity lands in one section.
-GRAD_NORM = "grad_norm"
-PARAM_NORM = "param_norm"
-GRAD_TO_PARAM = "grad_to_param"
-UPDATE_RATIO = "update_ratio"
-GRAD_HIST = "grad_hist"
-SUMMARY = "grad_guard"  # totals, clipping, anomaly counters
-# clipping tags, under SUMMARY (and the optimizer label)
-CLIP_PRE_NORM = "clip/pre_norm"
-CLIP_POST_NORM = "clip/post_norm"
-CLIP_THRESHOLD = "clip/threshold"
-CLIP_CLIPPED_FRACTION = "clip/clipped_fraction"
+from grad_guard.core.metrics import (  # noqa: F401  (re-exported: one home for tag names)
+    CLIP_CLIPPED_FRACTION,
+    CLIP_POST_NORM,
+    CLIP_PRE_NORM,
+    CLIP_THRESHOLD,
+    GRAD_HIST,
+    GRAD_NORM,
+    GRAD_TO_PARAM,
+    LOG10_GRAD_NORM,
+    PARAM_NORM,
+    SUMMARY,
+    UPDATE_RATIO,
+    clip_metrics,
+    layer_metrics,
+    tag,
+)
 
 _layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
 _warned_no_logger: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def tag(prefix: str, name: str, optimizer_label: str = "") -> str:
-    """Build a tag, e.g. ``tag("grad_norm", "encoder.0", "optimizer_1")``.
-
-    Example:
-        >>> tag("grad_norm", "encoder.0")
-        'grad_norm/encoder.0'
-        >>> tag("grad_norm", "gen.fc", "optimizer_1")
-        'grad_norm/optimizer_1/gen.fc'
-    """
-    return f"{prefix}/{optimizer_label}/{name}" if optimizer_label else f"{prefix}/{name}"
-
-
-def layer_metrics(
-    layer_names: Sequence[str],
-    logged: Sequence[bool],
-    grad_norms: Sequence[float],
-    total_norm: float,
-    param_norms: Sequence[float] | None = None,
-    optimizer_label: str = "",
-) -> dict[str, float]:
-    """The per-layer scalars of one logging step (host floats in, tags out).
-
-    Example:
-        >>> layer_metrics(["fc"], [True], [0.5], 0.5, [2.0])
-        {'grad_guard/total_grad_norm': 0.5, 'grad_norm/fc': 0.5, 'param_norm/fc': 2.0, 'grad_to_param/fc': 0.25}
-    """
-    metrics = {tag(SUMMARY, "total_grad_norm", optimizer_label): total_norm}
-    for i, name in enumerate(layer_names):
-        if not logged[i]:
-            continue
-        metrics[tag(GRAD_NORM, name, optimizer_label)] = grad_norms[i]
-        if param_norms is not None:
-            metrics[tag(PARAM_NORM, name, optimizer_label)] = param_norms[i]
-            metrics[tag(GRAD_TO_PARAM, name, optimizer_label)] = grad_norms[i] / max(
-                param_norms[i], 1e-12
-            )
-    return metrics
-
-
-def clip_metrics(
-    pre_norm: float,
-    post_norm: float,
-    threshold: float,
-    clipped_fraction: float,
-    optimizer_label: str = "",
-) -> dict[str, float]:
-    """The clipping scalars of one logging step; no threshold while none is in force.
-
-    Example:
-        >>> sorted(clip_metrics(2.0, 1.0, float("inf"), 0.5))
-        ['grad_guard/clip/clipped_fraction', 'grad_guard/clip/post_norm', 'grad_guard/clip/pre_norm']
-    """
-    metrics = {
-        tag(SUMMARY, CLIP_PRE_NORM, optimizer_label): pre_norm,
-        tag(SUMMARY, CLIP_POST_NORM, optimizer_label): post_norm,
-        tag(SUMMARY, CLIP_CLIPPED_FRACTION, optimizer_label): clipped_fraction,
-    }
-    if math.isfinite(threshold):
-        metrics[tag(SUMMARY, CLIP_THRESHOLD, optimizer_label)] = threshold
-    return metrics
 
 
 def is_global_zero(trainer: Any) -> bool:
@@ -188,6 +128,7 @@ _OPTIMIZER = r"(optimizer_\d+/)?"  # the optional optimizer level of a tag
 def monitor_charts(param_norms: bool = True, update_ratio: bool = True) -> dict[str, list[str]]:
     """Custom-scalars charts of the per-layer quantities: title -> tag regexes."""
     charts = {
+        "log10 gradient norm per layer (all scales visible)": [rf"^{LOG10_GRAD_NORM}/"],
         "gradient norm per layer": [rf"^{GRAD_NORM}/"],
         "total gradient norm": [rf"^{SUMMARY}/{_OPTIMIZER}total_grad_norm$"],
     }
@@ -214,7 +155,25 @@ def clipping_charts() -> dict[str, list[str]]:
 
 def anomaly_charts() -> dict[str, list[str]]:
     """Custom-scalars charts of anomaly detection."""
-    return {"anomalies (steps)": [rf"^{SUMMARY}/anomalies/", rf"^{SUMMARY}/skipped_steps$"]}
+    return {
+        "anomalies (steps)": [
+            rf"^{SUMMARY}/anomalies/",
+            rf"^{SUMMARY}/skipped_steps$",
+            rf"^{SUMMARY}/rollbacks$",
+        ]
+    }
+
+
+def layout_for_parts(monitor: Any, detection: Any, clipping: Any) -> dict[str, list[str]]:
+    """The charts of the parts an engine runs (``None`` for a part that is off)."""
+    charts: dict[str, list[str]] = {}
+    if monitor is not None:
+        charts.update(monitor_charts(monitor.log_param_norms, monitor.log_update_ratio))
+    if clipping is not None:
+        charts.update(clipping_charts())
+    if detection is not None:
+        charts.update(anomaly_charts())
+    return charts
 
 
 def custom_scalars_layout(charts: Mapping[str, list[str]]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ CALLBACKS: dict[str, str] = {
     "GradientNormMonitor": "grad_guard.callbacks.monitor",
     "GradientAnomalyDetection": "grad_guard.callbacks.detection",
     "AdaptiveGradientClipping": "grad_guard.callbacks.clipping",
+    "GradientClipping": "grad_guard.callbacks.clipping",
     "GradGuard": "grad_guard.callbacks.guard",
 }
 

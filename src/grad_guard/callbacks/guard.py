@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch.optim import Optimizer
 
 from grad_guard._validation import check_bool, check_int
 from grad_guard.callbacks.base import GradGuardCallback
-from grad_guard.callbacks.clipping import AdaptiveGradientClipping
+from grad_guard.callbacks.clipping import GradientClipping
 from grad_guard.callbacks.detection import GradientAnomalyDetection
 from grad_guard.callbacks.monitor import GradientNormMonitor
-from grad_guard.core.clip import ClipAlgorithm, ClipShortcut
+from grad_guard.core.clip import ClipAlgorithm, ClipShortcut, resolve_algorithm
 from grad_guard.loggers import is_global_zero, warn_rank_zero
 
 
@@ -33,7 +34,7 @@ class GradGuard(GradGuardCallback):
         clipping: a clipping algorithm (``ZClip()``, ``AutoClip()``, ``AGC()``,
             ``NormClip(1.0)``...), its string shortcut (``"zscore"``, ``"autoclip"``,
             ``"agc"``, ``"norm"``, ``"value"``), a configured
-            :class:`AdaptiveGradientClipping`, or ``None`` not to clip. Default ``"zscore"``:
+            :class:`GradientClipping`, or ``None`` not to clip. Default ``"zscore"``:
             ZClip only acts on spikes, after a warm-up, so healthy runs are untouched.
         log_every_n_steps: logging interval for every part that was built from defaults
             (``None``: the Trainer's ``log_every_n_steps``).
@@ -67,7 +68,7 @@ class GradGuard(GradGuardCallback):
         self,
         monitor: GradientNormMonitor | bool = True,
         detection: GradientAnomalyDetection | bool = True,
-        clipping: AdaptiveGradientClipping | ClipAlgorithm | ClipShortcut | None = "zscore",
+        clipping: GradientClipping | ClipAlgorithm | ClipShortcut | None = "zscore",
         log_every_n_steps: int | None = None,
         report: bool = True,
         report_dir: str | None = None,
@@ -77,21 +78,19 @@ class GradGuard(GradGuardCallback):
         interval = {"log_every_n_steps": log_every_n_steps}
         self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
         self.detection = _part("detection", detection, GradientAnomalyDetection, interval)
-        if clipping is None or isinstance(clipping, AdaptiveGradientClipping):
+        if clipping is None or isinstance(clipping, GradientClipping):
             self.clipping = clipping
         elif isinstance(clipping, (ClipAlgorithm, str)):
-            self.clipping = AdaptiveGradientClipping(clipping, log_every_n_steps=log_every_n_steps)
+            algorithm = resolve_algorithm(clipping, "clipping")
+            self.clipping = GradientClipping(algorithm, log_every_n_steps=log_every_n_steps)
         else:
             raise ValueError(
-                "`clipping` must be a ClipAlgorithm, one of its string shortcuts, an "
-                f"AdaptiveGradientClipping or None, got {clipping!r}"
+                "`clipping` must be a ClipAlgorithm, one of its string shortcuts, a "
+                f"GradientClipping or None, got {clipping!r}"
             )
-        reference = self.monitor or self.detection or self.clipping
-        super().__init__(
-            granularity=reference.granularity if reference else "module",
-            norm_type=reference.norm_type if reference else 2.0,
-        )
-        self.log_every_n_steps = log_every_n_steps
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise ValueError(f"`report_dir` must be a path (str or os.PathLike) or None, got {report_dir!r}")
+        super().__init__(log_every_n_steps)
         self.report = check_bool("report", report)
         self.report_dir = report_dir
         self.print_report = check_bool("print_report", print_report)
@@ -105,7 +104,10 @@ class GradGuard(GradGuardCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(parts=[part.state_key for part in self.parts])
+        return self._generate_state_key()
+
+    def engine_part(self) -> None:  # its parts register themselves
+        return None
 
     def layout_charts(self) -> dict[str, list[str]]:
         charts: dict[str, list[str]] = {}
@@ -113,7 +115,7 @@ class GradGuard(GradGuardCallback):
             charts.update(part.layout_charts())
         return charts
 
-    # Each hook forwards to the parts; the shared pass keeps them on one read of the grads.
+    # Each hook forwards to the parts; they share one engine, so one read of the grads.
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for part in self.parts:
             part.setup(trainer, pl_module, stage)
@@ -121,6 +123,10 @@ class GradGuard(GradGuardCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         for part in self.parts:
             part.on_fit_start(trainer, pl_module)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        for part in self.parts:
+            part.on_before_backward(trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
         for part in self.parts:

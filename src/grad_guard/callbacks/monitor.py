@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from typing import Any
 
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
-
 from grad_guard._validation import check_bool, check_int
-from grad_guard.callbacks import shared_pass
-from grad_guard.callbacks.base import GradGuardCallback, is_logging_step
-from grad_guard.core.layers import Granularity, compile_patterns
-from grad_guard.core.stats import NormType
+from grad_guard.callbacks.base import GradGuardCallback
+from grad_guard.core.engine import StepOutcome
+from grad_guard.core.layers import Granularity, validate_granularity
+from grad_guard.core.metrics import GRAD_HIST, UPDATE_RATIO, tag
+from grad_guard.core.parts import MonitorPart
+from grad_guard.core.stats import NormType, validate_norm_type
 from grad_guard.history import GradientHistory
 from grad_guard.loggers import (
-    GRAD_HIST,
-    UPDATE_RATIO,
-    layer_metrics,
-    log_scalars,
     monitor_charts,
-    tag,
     tensorboard_writers,
     warn_rank_zero,
     write_histograms,
-    write_layout,
 )
 
 
@@ -34,18 +26,22 @@ class GradientNormMonitor(GradGuardCallback):
 
     Hooks ``on_before_optimizer_step``, where Lightning has accumulated the gradients of
     all micro-batches and unscaled them under ``16-mixed``, so each record is one
-    optimizer step's true gradient. Between logging steps the callback does nothing;
-    on a logging step it reads the gradients once (one ``torch._foreach_norm`` pass) and
-    copies one small packed tensor to the host.
+    optimizer step's true gradient. It is one part of grad_guard's step engine: used
+    with ``GradientAnomalyDetection`` or ``GradientClipping`` (or inside ``GradGuard``),
+    the gradients are read once per step for all of them. On a logging step everything
+    reported is copied to the host in one packed tensor.
 
     Logged tags (``<layer>`` is the module path; with several optimizers the tags get an
     ``optimizer_<i>/`` level after the prefix):
 
     - ``grad_norm/<layer>``: p-norm of the layer's gradient.
+    - ``grad_norm_log10/<layer>``: the same on a log10 scale (layers 1e-16 apart stay
+      visible in one chart; ``-inf`` for an exactly zero gradient).
     - ``param_norm/<layer>``: norm of the layer's parameters.
     - ``grad_to_param/<layer>``: ``grad_norm / param_norm``.
     - ``update_ratio/<layer>``: ``||theta_after - theta_before|| / ||theta_before||``,
-      the size of the optimizer's step relative to the weights (healthy: about 1e-3).
+      the size of the optimizer's step relative to the weights (healthy: about 1e-3),
+      measured after the step and written with the next logging step's copy.
     - ``grad_guard/total_grad_norm``: the p-norm over all layers (what
       ``clip_grad_norm_`` would see, before any clipping).
     - ``grad_hist/<layer>``: histogram of gradient values (only when
@@ -93,6 +89,8 @@ class GradientNormMonitor(GradGuardCallback):
     ValueError: `log_every_n_steps` must be an int >= 1 or None, got 0
     """
 
+    role = "monitor"
+
     def __init__(
         self,
         log_every_n_steps: int | None = None,
@@ -108,12 +106,11 @@ class GradientNormMonitor(GradGuardCallback):
         image_every_n_steps: int | None = 10,
         history_size: int = 512,
     ) -> None:
-        super().__init__(granularity=granularity, norm_type=norm_type)
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        super().__init__(log_every_n_steps)
+        self.granularity = validate_granularity(granularity)
+        self.norm_type = validate_norm_type(norm_type)
         self.include = include
         self.exclude = exclude
-        self._include = compile_patterns("include", include)
-        self._exclude = compile_patterns("exclude", exclude)
         self.log_param_norms = check_bool("log_param_norms", log_param_norms)
         self.log_update_ratio = check_bool("log_update_ratio", log_update_ratio)
         self.histogram_every_n_steps = check_int(
@@ -128,128 +125,76 @@ class GradientNormMonitor(GradGuardCallback):
         self.history: GradientHistory | None = GradientHistory(max_steps=history_size)
         self.logged_steps = 0
         self._last_image_step: int | None = None
-        # optimizer id -> (step, label, computer, layer mask, weights before the step)
-        self._snapshots: dict[int, tuple[int, str, Any, list[bool], list[list[Tensor]]]] = {}
+        self._part = MonitorPart(
+            self.granularity,
+            self.norm_type,
+            include,
+            exclude,
+            self.log_param_norms,
+            self.log_update_ratio,
+        )
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            log_every_n_steps=self.log_every_n_steps,
-            norm_type=self.norm_type,
-            granularity=self.granularity,
-            include=self.include,
-            exclude=self.exclude,
-            log_param_norms=self.log_param_norms,
-            log_update_ratio=self.log_update_ratio,
-            histogram_every_n_steps=self.histogram_every_n_steps,
-        )
+        return self._generate_state_key()
 
     def layout_charts(self) -> dict[str, list[str]]:
         return monitor_charts(self.log_param_norms, self.log_update_ratio)
 
-    def _wanted(self, name: str) -> bool:
-        if self._include and not any(p.search(name) for p in self._include):
-            return False
-        return not any(p.search(name) for p in self._exclude)
+    def engine_part(self) -> MonitorPart:
+        return self._part
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
-        if not is_logging_step(trainer, self.log_every_n_steps):
-            return
-        try:
-            self._log_step(trainer, pl_module, optimizer)
-        except Exception as err:  # monitoring must never kill training
-            self._snapshots.pop(id(optimizer), None)
-            warn_rank_zero(f"grad_guard: could not log gradient norms this step ({err!r}).")
+    def run_config(self) -> dict[str, Any]:
+        return {"monitor": True}
 
-    def _log_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
-        context = self.step_context(trainer, pl_module, optimizer)
-        stats, computer = context.stats, context.computer
-        step = shared_pass.training_step(trainer)
-        label = shared_pass.optimizer_label(trainer, optimizer)
-        mask = [
-            present and self._wanted(name)
-            for name, present in zip(stats.layer_names, stats.has_grad)
-        ]
-
-        parts = [stats.layer_norms.float(), stats.total_norm.float().reshape(1)]
-        if self.log_param_norms or self.log_update_ratio:
-            parts.append(computer.parameter_norms().float())
-        values = torch.cat([p.to(stats.layer_norms.device) for p in parts]).cpu().tolist()
-
-        num_layers = len(stats.layer_names)
-        metrics = layer_metrics(
-            stats.layer_names,
-            mask,
-            values[:num_layers],
-            values[num_layers],
-            values[num_layers + 1 :] if self.log_param_norms else None,
-            label,
-        )
-        write_layout(trainer)
-        log_scalars(trainer, metrics, step)
-        self.logged_steps += 1
-        if self.history is not None:
-            self._record(step, label, stats, values)
-            if self.image_every_n_steps and self.logged_steps % self.image_every_n_steps == 0:
-                self._write_images(trainer, step)
-
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._write_histograms(trainer, stats, mask, label, step)
-        if self.log_update_ratio:
-            weight_norms = values[num_layers + 1 :]
-            self._snapshots[id(optimizer)] = (
-                step,
-                label,
-                computer,
-                mask,
-                _weights(computer),
-                weight_norms,
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        interval = self.interval(trainer)
+        every = self.histogram_every_n_steps
+        if every is not None and every % interval:
+            warn_rank_zero(
+                f"grad_guard: GradientNormMonitor(histogram_every_n_steps={every}) can only "
+                f"take effect on logging steps (every {interval} steps), so histograms are "
+                f"written every {math.lcm(every, interval)} steps. Use a "
+                f"multiple of {interval}."
             )
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
-        if not self._snapshots:
+    def after_outcome(self, trainer: Any, outcome: StepOutcome) -> None:
+        for log_step, metrics in outcome.metrics:
+            self._record_update_ratios(log_step, metrics)
+        logged = outcome.logged
+        if logged is None or not self.is_logging_step(trainer, logged["step"]):
             return
-        snapshots, self._snapshots = self._snapshots, {}
-        try:
-            self._log_update_ratios(trainer, snapshots)
-        except Exception as err:  # monitoring must never kill training
-            warn_rank_zero(f"grad_guard: could not log update ratios this step ({err!r}).")
+        self.logged_steps += 1
+        step, label = logged["step"], logged["label"]
+        if self.history is not None:
+            names = logged["names"]
+            chosen = [i for i, name in enumerate(names) if self._part.wanted(name)]
+            params = logged["params"] if self.log_param_norms else None
+            self.history.record(
+                step,
+                [tag(label, names[i]) if label else names[i] for i in chosen],
+                [logged["norms"][i] for i in chosen],
+                total_norm=logged["total"],
+                param_norms=[params[i] for i in chosen] if params is not None else None,
+                has_grad=[logged["has_grad"][i] for i in chosen],
+            )
+            if self.image_every_n_steps and self.logged_steps % self.image_every_n_steps == 0:
+                self._write_images(trainer, step)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            self._write_histograms(trainer, outcome, logged)
 
-    def _log_update_ratios(self, trainer: Any, snapshots: dict[int, Any]) -> None:
-        for step, label, computer, mask, before, weight_norms in snapshots.values():
-            _subtract_weights_(computer, before)  # `before` now holds -(update)
-            update_norms = computer.norms_of(before).float().cpu().tolist()
-            metrics = {
-                tag(UPDATE_RATIO, name, label): update_norms[i] / max(weight_norms[i], 1e-12)
-                for i, name in enumerate(computer.layer_names)
-                if mask[i]
-            }
-            log_scalars(trainer, metrics, step)
-            if self.history is not None:
-                names = [n for i, n in enumerate(computer.layer_names) if mask[i]]
-                ratios = [metrics[tag(UPDATE_RATIO, n, label)] for n in names]
-                self.history.record_update_ratios(
-                    step, [tag(label, n) if label else n for n in names], ratios
-                )
+    def _record_update_ratios(self, step: int, metrics: dict[str, float]) -> None:
+        if self.history is None:
+            return
+        prefix = f"{UPDATE_RATIO}/"
+        names = [name[len(prefix) :] for name in metrics if name.startswith(prefix)]
+        if names:
+            self.history.record_update_ratios(step, names, [metrics[prefix + n] for n in names])
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._snapshots = {}
         if self.image_every_n_steps and self.history is not None and len(self.history):
             self._write_images(trainer, self.history.steps[-1], final=True)
-
-    def _record(self, step: int, label: str, stats: Any, values: list[float]) -> None:
-        """Keep this logging step's host values in :attr:`history` (no device access)."""
-        num_layers = len(stats.layer_names)
-        wanted = [i for i, name in enumerate(stats.layer_names) if self._wanted(name)]
-        params = values[num_layers + 1 :] if self.log_param_norms else None
-        self.history.record(
-            step,
-            [tag(label, stats.layer_names[i]) if label else stats.layer_names[i] for i in wanted],
-            [values[i] for i in wanted],
-            total_norm=values[num_layers],
-            param_norms=[params[i] for i in wanted] if params is not None else None,
-            has_grad=[stats.has_grad[i] for i in wanted],
-        )
 
     def _write_images(self, trainer: Any, step: int, final: bool = False) -> None:
         from grad_guard import plots
@@ -262,18 +207,20 @@ class GradientNormMonitor(GradGuardCallback):
         except Exception as err:  # pictures must never stop training
             warn_rank_zero(f"grad_guard: could not draw the gradient images: {err!r}")
 
-    def _write_histograms(
-        self, trainer: Any, stats: Any, mask: Sequence[bool], label: str, step: int
-    ) -> None:
-        chosen = [i for i, keep in enumerate(mask) if keep]
+    def _write_histograms(self, trainer: Any, outcome: StepOutcome, logged: dict[str, Any]) -> None:
+        stats = outcome.stats
+        if stats is None:
+            return
+        chosen = [i for i, keep in enumerate(logged["wanted"]) if keep]
         if len(chosen) > self.max_histogram_layers:
             stride = len(chosen) / self.max_histogram_layers
             chosen = [chosen[int(k * stride)] for k in range(self.max_histogram_layers)]
+        label = logged["label"]
         write_histograms(
             trainer,
             ((tag(GRAD_HIST, stats.layer_names[i], label), stats.layer_grads[i]) for i in chosen),
             self.histogram_bins,
-            step,
+            logged["step"],
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,14 +233,3 @@ class GradientNormMonitor(GradGuardCallback):
         self.logged_steps = int(state_dict.get("logged_steps", 0))
         if self.history is not None and "history" in state_dict:
             self.history.load_state_dict(state_dict["history"])
-
-
-def _subtract_weights_(computer: Any, before: list[list[Tensor]]) -> None:
-    """``before -= weights now``, in place in the snapshot: no second copy of the model."""
-    now = [p.detach() for layer in computer.layers for p in layer.params]
-    torch._foreach_sub_([t for layer in before for t in layer], now)
-
-
-def _weights(computer: Any) -> list[list[Tensor]]:
-    """Copies of each layer's parameters (``DTensor`` stays sharded), for the update ratio."""
-    return [[p.detach().clone() for p in layer.params] for layer in computer.layers]

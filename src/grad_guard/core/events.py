@@ -11,16 +11,22 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-AnomalyKind = Literal["nonfinite", "exploding", "vanishing"]
-KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing")
+AnomalyKind = Literal["nonfinite", "exploding", "vanishing", "loss_spike", "amp_overflow"]
+#: the rules, in the order of their packed findings
+KINDS: tuple[str, ...] = ("nonfinite", "exploding", "vanishing", "loss_spike")
 
-# What each kind of anomaly may do; "skip" drops the step, which vanishing never needs.
-NonfiniteAction = Literal["skip", "warn", "stop", "raise"]
-ExplodingAction = Literal["warn", "skip", "stop", "raise"]
+# What each kind of anomaly may do; "skip" drops the step, "rollback" restores the last
+# healthy snapshot; vanishing needs neither (the weights are not damaged).
+NonfiniteAction = Literal["skip", "rollback", "warn", "stop", "raise"]
+ExplodingAction = Literal["warn", "skip", "rollback", "stop", "raise"]
 VanishingAction = Literal["warn", "stop", "raise"]
-NONFINITE_ACTIONS: tuple[str, ...] = ("skip", "warn", "stop", "raise")
-EXPLODING_ACTIONS: tuple[str, ...] = ("warn", "skip", "stop", "raise")
+LossSpikeAction = Literal["warn", "skip", "rollback", "stop", "raise"]
+NONFINITE_ACTIONS: tuple[str, ...] = ("skip", "rollback", "warn", "stop", "raise")
+EXPLODING_ACTIONS: tuple[str, ...] = ("warn", "skip", "rollback", "stop", "raise")
 VANISHING_ACTIONS: tuple[str, ...] = ("warn", "stop", "raise")
+LOSS_SPIKE_ACTIONS: tuple[str, ...] = ("warn", "skip", "rollback", "stop", "raise")
+#: actions that keep the optimizer from applying the step's gradients
+DROPPING_ACTIONS = frozenset({"skip", "rollback"})
 
 _MAX_NAMED_LAYERS = 8  # longer lists are cut in messages (the event keeps them all)
 
@@ -31,6 +37,8 @@ _ADVICE = {
     "or add normalization layers",
     "vanishing": "use ReLU-like activations with He init, BatchNorm/LayerNorm, or residual "
     "connections",
+    "loss_spike": "look at the batch that caused it, lower the learning rate or warm it up, "
+    "or roll back with on_loss_spike='rollback'",
 }
 
 
@@ -44,22 +52,30 @@ class AnomalyEvent:
 
     Attributes:
         step: the optimizer step (``trainer.global_step``) it was first seen at.
-        kind: ``"nonfinite"``, ``"exploding"`` or ``"vanishing"``.
+        kind: ``"nonfinite"``, ``"exploding"``, ``"vanishing"``, ``"loss_spike"`` or
+            ``"amp_overflow"``.
         layers: the layers involved, in forward order (first = nearest the input).
         values: the gradient norm of each layer in ``layers`` (``nan``/``inf`` for
             non-finite ones).
         threshold: the limit that was crossed: for ``"exploding"`` the total-norm limit,
             for ``"vanishing"`` the per-layer norm below which a layer counts as vanishing;
             ``None`` for ``"nonfinite"``.
-        action: what was done: ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
+        action: what was done: ``"warn"``, ``"skip"``, ``"rollback"``, ``"stop"`` or
+            ``"raise"``.
         rule: which rule fired: ``"nonfinite"``, ``"max_total_norm"``, ``"spike"``,
-            ``"min_norm"`` or ``"min_ratio"``.
+            ``"min_norm"``, ``"min_ratio"``, ``"nonfinite_loss"`` or ``"loss_spike"``.
         origin: for ``"nonfinite"``, the affected layer closest to the loss (last in
             forward order): where the non-finite values most likely entered the
             backward pass.
         total_norm: the total gradient norm of the step (``"exploding"`` only).
         occurrences: steps merged into this event (more than 1 when flags were read
             lazily, at a logging step, for a whole interval).
+        loss: the training loss of the step (``"loss_spike"`` only).
+        forward_origin: for ``"nonfinite"``, where the non-finite values were born in
+            the forward pass, when it could be found: ``"parameter fc3.weight"`` for a
+            non-finite parameter, else the first module (forward order) whose output
+            was non-finite.
+        restored_step: for ``"rollback"``, the step of the snapshot restored.
     """
 
     step: int
@@ -72,6 +88,9 @@ class AnomalyEvent:
     origin: str | None = None
     total_norm: float | None = None
     occurrences: int = 1
+    loss: float | None = None
+    forward_origin: str | None = None
+    restored_step: int | None = None
 
     def message(self) -> str:
         """One human-readable sentence naming the layers, values and threshold."""
@@ -89,11 +108,23 @@ class AnomalyEvent:
                 f"{_fmt(self.threshold)} ({_RULES.get(self.rule, self.rule)}); "
                 f"layers: {names}"
             )
-        else:
+        elif self.kind == "vanishing":
             text = (
                 f"vanishing gradient {when} in {len(self.layers)} layer(s): {names}; "
                 f"norm below {_fmt(self.threshold)} ({_RULES.get(self.rule, self.rule)})"
             )
+        elif self.kind == "loss_spike":
+            text = f"loss spike {when}: loss {_fmt(self.loss)}"
+            if self.threshold is not None:
+                text += f" > {_fmt(self.threshold)} ({_RULES.get(self.rule, self.rule)})"
+            else:
+                text += f" ({_RULES.get(self.rule, self.rule)})"
+        else:
+            text = f"{self.kind} {when}"
+        if self.forward_origin is not None:
+            text += f"; born in the forward pass at {self.forward_origin!r}"
+        if self.restored_step is not None:
+            text += f"; rolled back to the snapshot of step {self.restored_step}"
         return f"grad_guard: {text}. Action: {self.action}."
 
     def advice(self) -> str:
@@ -136,6 +167,12 @@ class AnomalyEvent:
             details.append(f"total norm {_fmt(self.total_norm)}")
         if self.origin is not None:
             details.append(f"likely origin `{self.origin}`")
+        if self.forward_origin is not None:
+            details.append(f"born in the forward pass at `{self.forward_origin}`")
+        if self.loss is not None:
+            details.append(f"loss {_fmt(self.loss)}")
+        if self.restored_step is not None:
+            details.append(f"restored the snapshot of step {self.restored_step}")
         if self.occurrences > 1:
             details.append(f"{self.occurrences} steps")
         if details:
@@ -148,6 +185,8 @@ _RULES = {
     "spike": "z-score spike against recent steps",
     "min_norm": "absolute limit `vanishing_min_norm`",
     "min_ratio": "`vanishing_min_ratio` x the largest layer norm",
+    "nonfinite_loss": "the loss is NaN/Inf",
+    "loss_spike": "z-score spike of the loss against recent steps",
 }
 
 

@@ -160,3 +160,54 @@ def group_parameters(
             continue
         layers.append(Layer(name=name, param_names=tuple(names), params=tuple(params)))
     return layers
+
+
+def optimizer_parameters(param_groups: Sequence[dict]) -> list[torch.Tensor]:
+    """Every parameter of an optimizer's ``param_groups``, in order."""
+    return [p for group in param_groups for p in group["params"]]
+
+
+def parameters_signature(param_groups: Sequence[dict]) -> tuple:
+    """What changes when parameters are unfrozen or a param group is added."""
+    sizes = tuple(len(group["params"]) for group in param_groups)
+    trainable = sum(p.requires_grad for group in param_groups for p in group["params"])
+    return sizes, trainable
+
+
+def optimizer_layers(
+    module: nn.Module, param_groups: Sequence[dict] | None, granularity: Granularity = "module"
+) -> list[Layer]:
+    """The layers of ``module`` an optimizer steps, plus the parameters it steps on its own.
+
+    A parameter the optimizer steps but ``module`` does not own (``SGD(list(model.
+    parameters()) + [extra])``) still gets checked: it becomes a layer of its own named
+    ``param_groups.<g>.params.<i>``, after the module's layers.
+
+    Args:
+        module: the model.
+        param_groups: the optimizer's ``param_groups``; ``None`` for all of ``module``'s
+            trainable parameters.
+        granularity: how the module's parameters form layers.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> extra = nn.Parameter(torch.zeros(3))
+        >>> groups = torch.optim.SGD([*model.parameters(), extra], lr=0.1).param_groups
+        >>> [layer.name for layer in optimizer_layers(model, groups)]
+        ['(root)', 'param_groups.0.params.2']
+    """
+    if param_groups is None:
+        return group_parameters(module, granularity)
+    params = optimizer_parameters(param_groups)
+    layers = group_parameters(module, granularity, parameters=params)
+    owned = {id(p) for layer in layers for p in layer.params}
+    owned.update(id(p) for p in module.parameters())  # frozen ones stay out on purpose
+    for g, group in enumerate(param_groups):
+        for i, param in enumerate(group["params"]):
+            if id(param) in owned or not param.requires_grad:
+                continue
+            owned.add(id(param))
+            name = f"param_groups.{g}.params.{i}"
+            layers.append(Layer(name=name, param_names=(name,), params=(param,)))
+    return layers

@@ -19,7 +19,6 @@ all-reduced the same way (one collective for all layers).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,7 +155,6 @@ class LayerNormComputer:
         self.process_group = process_group
         self.device = device
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
-        self._warned_sparse: set[int] = set()
         self.collectives_last_call = 0
 
     def __call__(
@@ -175,11 +173,11 @@ class LayerNormComputer:
         dtypes: set[torch.dtype] = set()
         device = None
         for layer_index, tensors in enumerate(tensors_per_layer):
-            for position, tensor in enumerate(tensors):
+            for tensor in tensors:
                 reduce_key, local = self._localize(tensor)
                 if local.is_sparse:
-                    self._warn_sparse(tensor, names_per_layer, layer_index, position)
-                    continue
+                    # the norm of a sparse tensor is that of its (summed) values
+                    local = local.coalesce()._values()
                 reduce_keys.setdefault(reduce_key, None)
                 dtypes.add(local.dtype)
                 device = device or local.device
@@ -266,22 +264,6 @@ class LayerNormComputer:
             dist.all_reduce(acc, op=op, group=mesh.get_group(dim))
             self.collectives_last_call += 1
 
-    def _warn_sparse(
-        self,
-        tensor: Tensor,
-        names_per_layer: Sequence[Sequence[str]] | None,
-        layer_index: int,
-        position: int,
-    ) -> None:
-        if id(tensor) in self._warned_sparse:
-            return
-        self._warned_sparse.add(id(tensor))
-        name = names_per_layer[layer_index][position] if names_per_layer else f"#{layer_index}"
-        warnings.warn(
-            f"grad_guard: the gradient of {name!r} is sparse; it is left out of the norms.",
-            stacklevel=3,
-        )
-
 
 def _foreach_norms(tensors: list[Tensor], p: float, device: torch.device, dtype: torch.dtype):
     # low-precision norms overflow early (fp16 max is 65504): accumulate in float32
@@ -348,7 +330,14 @@ class GradientStatsComputer:
     def collectives_last_call(self) -> int:
         return self._computer.collectives_last_call
 
-    def __call__(self) -> GradientStats:
+    def __call__(self, grad_scale: Tensor | None = None) -> GradientStats:
+        """One pass over the current gradients.
+
+        Args:
+            grad_scale: when the gradients are still multiplied by a GradScaler's scale
+                (a fused optimizer unscales inside ``step()``), that scale (a tensor):
+                the norms are divided by it, so they are those of the true gradients.
+        """
         grads_per_layer: list[list[Tensor]] = []
         local_per_layer: list[list[Tensor]] = []
         flat_grads: list[Tensor] = []
@@ -366,6 +355,8 @@ class GradientStatsComputer:
             local_per_layer.append(layer_locals)
             flat_grads.extend(layer_locals)
         layer_norms = self._computer(grads_per_layer, self._names)
+        if grad_scale is not None:
+            layer_norms = layer_norms / grad_scale.to(layer_norms)
         self.passes += 1
         return GradientStats(
             layer_names=self.layer_names,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from grad_guard._validation import check_float, check_int
-from grad_guard.core.clip.base import ClipAlgorithm, ClipResult, norm_coefficient, scale_grads_
+from grad_guard.core.clip.base import ClipAlgorithm, ClipResult, norm_coefficient
 from grad_guard.core.stats import validate_norm_type
 
 
@@ -97,7 +97,7 @@ class AutoClip(ClipAlgorithm):
         self.count = self.count + finite.long()
         threshold = nan_percentile(self.history, self.percentile)
         coefficient, clipped = norm_coefficient(total_norm, threshold)
-        scale_grads_(grads, coefficient)
+        self._scale_(grads, coefficient)
         return ClipResult(total_norm, total_norm * coefficient, threshold, clipped)
 
     def _follow(self, norm: Tensor) -> None:

@@ -54,12 +54,17 @@ class ClipResult:
             ZClip's warm-up), the per-element bound for ``ValueClip``, the ratio
             ``clip_factor`` for ``AGC`` (each unit has its own bound).
         clipped: bool, whether any gradient was changed.
+        coefficient: the one factor the gradients are still to be multiplied by, when
+            :meth:`ClipAlgorithm.clip_` was asked not to apply it (``apply=False``) and
+            the algorithm scales all gradients alike; ``None`` when the gradients were
+            scaled in place.
     """
 
     pre_norm: Tensor
     post_norm: Tensor
     threshold: Tensor
     clipped: Tensor
+    coefficient: Tensor | None = None
 
 
 def _as_parameters(parameters: nn.Module | Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -172,6 +177,8 @@ class ClipAlgorithm:
     granularity: Literal["module", "parameter"] = "module"
     #: computes the pre-clip total norm from its own pass (AGC's unit norms)
     measures_itself: bool = False
+    _defer_scaling: bool = False
+    _deferred: Tensor | None = None
 
     def __init__(self) -> None:
         self.steps = 0
@@ -205,13 +212,14 @@ class ClipAlgorithm:
             total = total_from_layer_norms(norms, self.norm_type)
             return self.clip_(grads, total, params, norms).pre_norm
 
-    def clip_stats(self, stats: GradientStats) -> ClipResult:
+    def clip_stats(self, stats: GradientStats, apply: bool = True) -> ClipResult:
         """Clip the gradients of a statistics pass in place (no second read for the norm).
 
         Args:
             stats: the pass over the gradients to clip, made with this algorithm's
                 ``norm_type`` (and ``granularity="parameter"`` for per-tensor modes, else
                 the per-tensor norms are computed here).
+            apply: see :meth:`clip_`.
 
         Returns:
             The :class:`ClipResult` of this step.
@@ -229,7 +237,7 @@ class ClipAlgorithm:
                 tensor_norms = stats.layer_norms.index_select(
                     0, self._index(present, stats.layer_norms.device)
                 )
-        return self.clip_(stats.grads, stats.total_norm, stats.params, tensor_norms)
+        return self.clip_(stats.grads, stats.total_norm, stats.params, tensor_norms, apply=apply)
 
     def clip_(
         self,
@@ -237,6 +245,7 @@ class ClipAlgorithm:
         total_norm: Tensor | None,
         params: Sequence[Tensor] | None = None,
         tensor_norms: Tensor | None = None,
+        apply: bool = True,
     ) -> ClipResult:
         """Clip ``grads`` in place given their precomputed total norm.
 
@@ -248,10 +257,16 @@ class ClipAlgorithm:
             params: the parameters the gradients belong to, same order; needed by AGC,
                 and used to reduce per-tensor norms over shards.
             tensor_norms: ``[len(grads)]`` per-tensor norms, if known (per-tensor modes).
+            apply: ``False`` to leave the multiplication to the caller when the
+                algorithm scales every gradient by one factor (``NormClip``, ``AutoClip``,
+                ``ZClip``): the factor is returned as ``ClipResult.coefficient``, e.g.
+                to be folded into a fused optimizer's ``grad_scale``. Per-tensor
+                algorithms clip in place either way.
 
         Returns:
             The :class:`ClipResult` of this step.
         """
+        self._defer_scaling, self._deferred = not apply, None
         with torch.no_grad():
             if total_norm is None and not self.measures_itself:
                 sources = grads if params is None else [p.grad for p in params]
@@ -259,7 +274,11 @@ class ClipAlgorithm:
                 total_norm = total_from_layer_norms(tensor_norms, self.norm_type)
             if total_norm is not None:
                 total_norm = total_norm.detach()
-            result = self._clip(list(grads), total_norm, params, tensor_norms)  # type: ignore[arg-type]
+            try:
+                result = self._clip(list(grads), total_norm, params, tensor_norms)  # type: ignore[arg-type]
+            finally:
+                self._defer_scaling = False
+            result.coefficient, self._deferred = self._deferred, None
         if self.clipped_steps.device != result.clipped.device:
             self.clipped_steps = self.clipped_steps.to(result.clipped.device)
         self.clipped_steps = self.clipped_steps + result.clipped.long()
@@ -269,6 +288,13 @@ class ClipAlgorithm:
 
     def bind(self, module: nn.Module) -> None:
         """Learn about the model the gradients come from (AGC needs layer types)."""
+
+    def _scale_(self, grads: Sequence[Tensor], coefficient: Tensor) -> None:
+        """Multiply every gradient by one ``coefficient``, or keep it for the caller."""
+        if self._defer_scaling:
+            self._deferred = coefficient
+        else:
+            scale_grads_(grads, coefficient)
 
     # -- to implement ------------------------------------------------------------------
 

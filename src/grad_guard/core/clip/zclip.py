@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from grad_guard._validation import check_choice, check_float, check_int
-from grad_guard.core.clip.base import ClipAlgorithm, ClipResult, norm_coefficient, scale_grads_
+from grad_guard.core.clip.base import ClipAlgorithm, ClipResult, norm_coefficient
 from grad_guard.core.stats import validate_norm_type
 
 ClipOption = Literal["adaptive_scaling", "mean"]
@@ -119,7 +119,7 @@ class ZClip(ClipAlgorithm):
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
         coefficient, clipped = norm_coefficient(g, threshold)
-        scale_grads_(grads, coefficient)
+        self._scale_(grads, coefficient)
 
         # statistics: EMA after the warm-up, with the clipped value of a spike
         value = torch.where(spike, target, g)

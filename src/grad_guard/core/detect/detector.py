@@ -1,0 +1,429 @@
+"""``GradientAnomalyDetector``: the rules of one optimizer's layers, kept on the device.
+
+:meth:`GradientAnomalyDetector.update` judges one step with tensor operations only; the
+flags accumulate on the device until :meth:`GradientAnomalyDetector.pack` puts them in one
+small tensor that the caller copies to the host (with whatever else it reports that
+step) and :meth:`GradientAnomalyDetector.decode` turns into :class:`Findings`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grad_guard.core.detect.config import DetectionConfig
+from grad_guard.core.detect.findings import (
+    LAYER_KINDS,
+    NAN_CODE,
+    NUM_KINDS,
+    NUM_SCALARS,
+    S_AGE,
+    S_AMP_COUNT,
+    S_AMP_NOW,
+    S_COUNT,
+    S_LOSS,
+    S_LOSS_RULE,
+    S_NOW,
+    S_RATIO_RULE,
+    S_SPIKE_RULE,
+    S_THRESHOLD,
+    S_TOTAL,
+    Findings,
+    KindFindings,
+    packed_size,
+)
+from grad_guard.core.detect.vanishing import vanishing_layers
+from grad_guard.core.detect.zscore import EMAZScore, RollingZScore
+from grad_guard.core.events import KINDS
+from grad_guard.core.stats import GradientStats
+
+_RULES_OF = {  # kind -> (rule when the flag slot is 1, rule when it is 0)
+    "exploding": ("spike", "max_total_norm"),
+    "vanishing": ("min_ratio", "min_norm"),
+    "loss_spike": ("loss_spike", "nonfinite_loss"),
+}
+
+
+class GradientAnomalyDetector:
+    """Stateful anomaly rules over a fixed list of layers, kept on the device.
+
+    Call :meth:`update` once per optimizer step (no host sync); :meth:`read` (or
+    :meth:`pack` + :meth:`decode`) when the host needs to know, which also clears the
+    accumulated flags. :meth:`check` does both.
+
+    Args:
+        layer_names: the layers, in forward order (as in ``GradientStats.layer_names``).
+        config: the thresholds; default :class:`DetectionConfig()`.
+        vanishing_judged: per layer, whether the vanishing rule judges it (see
+            :func:`~grad_guard.core.detect.vanishing.judged_for_vanishing`); default all.
+
+    Raises:
+        ValueError: if ``vanishing_judged`` does not have one entry per layer.
+
+    Example:
+        >>> from torch import nn
+        >>> from grad_guard.core.layers import group_parameters
+        >>> from grad_guard.core.stats import GradientStatsComputer
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+        >>> computer = GradientStatsComputer(group_parameters(model))
+        >>> detector = GradientAnomalyDetector(computer.layer_names)
+        >>> model(torch.ones(2, 4)).sum().backward()
+        >>> model[0].weight.grad[0, 0] = float("nan")
+        >>> [(e.kind, e.layers, e.origin) for e in detector.check(computer(), step=0)]
+        [('nonfinite', ('0',), '0')]
+    """
+
+    def __init__(
+        self,
+        layer_names: Sequence[str],
+        config: DetectionConfig | None = None,
+        vanishing_judged: Sequence[bool] | None = None,
+    ) -> None:
+        self.layer_names = tuple(layer_names)
+        self.config = config if config is not None else DetectionConfig()
+        num_layers = len(self.layer_names)
+        if vanishing_judged is not None and len(vanishing_judged) != num_layers:
+            raise ValueError(
+                f"`vanishing_judged` must have one entry per layer ({num_layers}), "
+                f"got {len(vanishing_judged)}"
+            )
+        self._judged_host = (
+            [True] * num_layers if vanishing_judged is None else [bool(j) for j in vanishing_judged]
+        )
+        c = self.config
+        self._total: RollingZScore | None = None
+        self._layers: EMAZScore | None = None
+        if c.spike_z_threshold is not None:
+            self._total = RollingZScore(c.spike_window, c.spike_z_threshold, c.spike_warmup_steps)
+            self._layers = EMAZScore(
+                num_layers, c.spike_window, c.spike_z_threshold, c.spike_warmup_steps
+            )
+        self._loss: RollingZScore | None = None
+        if c.loss_z_threshold is not None:
+            self._loss = RollingZScore(c.loss_window, c.loss_z_threshold, c.loss_warmup_steps)
+        self._ready = False
+        self._loaded_state: dict[str, Any] | None = None
+        self._present_masks: dict[tuple[bool, ...], Tensor] = {}
+        self.steps: list[int] = []  # steps covered by the pending flags
+        self.updates = 0
+        #: ``[NUM_KINDS]`` bool device tensor: which rules fired on the latest update
+        self.now: Tensor | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    # ---------------------------------------------------------------- device side
+
+    def _init(self, like: Tensor) -> None:
+        device, dtype = like.device, like.dtype
+        num_layers = self.num_layers
+        self._dtype, self._device = dtype, device
+        self._judged = torch.tensor(self._judged_host, dtype=torch.bool, device=device)
+        self._slots = torch.arange(num_layers, device=device)
+        self._streak = torch.zeros(num_layers, dtype=torch.long, device=device)
+        self._scalars = torch.zeros(NUM_SCALARS, dtype=dtype, device=device)
+        self._layers_any = torch.zeros(LAYER_KINDS, num_layers, dtype=torch.bool, device=device)
+        self._layers_now = torch.zeros(LAYER_KINDS, num_layers, dtype=torch.bool, device=device)
+        self._values = torch.zeros(LAYER_KINDS, num_layers, dtype=dtype, device=device)
+        self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._inf = torch.full((), math.inf, dtype=dtype, device=device)
+        self._ready = True
+        if self._loaded_state is not None:
+            state, self._loaded_state = self._loaded_state, None
+            self._apply_state(state, like)
+
+    def _present_mask(self, has_grad: tuple[bool, ...]) -> Tensor:
+        # a cache per pattern: building a device tensor from a list blocks on CUDA, and
+        # MoE / stochastic-depth models alternate between a few patterns
+        mask = self._present_masks.get(has_grad)
+        if mask is None:
+            if len(self._present_masks) >= 16:
+                self._present_masks.clear()
+            mask = torch.tensor(has_grad, dtype=torch.bool, device=self._device)
+            self._present_masks[has_grad] = mask
+        return mask
+
+    def update(
+        self,
+        stats: GradientStats,
+        step: int | None = None,
+        amp_overflow: Tensor | None = None,
+        loss: Tensor | None = None,
+    ) -> None:
+        """Judge one optimizer step and accumulate the flags on the device.
+
+        Args:
+            stats: the step's gradient statistics (same layers as ``layer_names``).
+            step: the step number recorded in events (default: updates so far).
+            amp_overflow: scalar bool tensor, True when a GradScaler found Inf/NaN and
+                will skip this step itself; ``None`` without a scaler.
+            loss: the step's training loss (scalar tensor) for the loss rule, or ``None``.
+
+        Raises:
+            ValueError: if ``stats`` has a different number of layers.
+        """
+        if stats.no_gradients:  # nothing was measured; a zero norm is not a data point
+            return
+        if len(stats.layer_names) != self.num_layers:
+            raise ValueError(
+                f"`stats` has {len(stats.layer_names)} layers, the detector {self.num_layers}"
+            )
+        self.steps.append(self.updates if step is None else int(step))
+        self.updates += 1
+        if self.num_layers == 0:
+            return
+        norms = stats.layer_norms.detach()
+        if not self._ready:
+            self._init(norms if norms.is_floating_point() else norms.float())
+        c = self.config
+        norms = norms.to(device=self._device, dtype=self._dtype)
+        total = stats.total_norm.detach().to(device=self._device, dtype=self._dtype)
+        present = self._present_mask(stats.has_grad)
+        false, zero = self._false, norms.new_zeros(())
+
+        nonfinite = stats.nonfinite.to(self._device) & present
+        any_nonfinite = nonfinite.any()
+        amp = false if amp_overflow is None else amp_overflow.to(self._device).reshape(()).bool()
+        nonfinite_now = any_nonfinite & ~amp
+        finite_step = ~(any_nonfinite | amp)
+        valid_layers = present & finite_step
+
+        # exploding: absolute limit and/or a z-score spike of the total norm
+        exploding_now, threshold, by_spike = false, self._inf, false
+        if c.max_total_norm is not None:
+            exploding_now = finite_step & (total > c.max_total_norm)
+            threshold = torch.full_like(total, c.max_total_norm)
+        if self._total is not None and self._layers is not None:
+            by_spike, spike_threshold = self._total.step(total, finite_step)
+            spiked, z, armed = self._layers.step(norms, valid_layers)
+            exploding_now = exploding_now | by_spike
+            threshold = torch.minimum(threshold, spike_threshold)
+            # blame the layers that spiked; else the most unusual (or largest) one
+            scored = armed & valid_layers
+            score = torch.where(
+                scored.any(),
+                torch.where(scored, z, -math.inf),
+                torch.where(valid_layers, norms, -math.inf),
+            )
+            top = self._slots == score.argmax()
+            exploding_layers = torch.where(spiked.any(), spiked, top) & exploding_now
+        else:
+            top = self._slots == torch.where(valid_layers, norms, -math.inf).argmax()
+            exploding_layers = top & exploding_now
+
+        # vanishing: below the limit for `vanishing_patience` finite steps in a row
+        vanishing_now_layers, vanishing_threshold, by_ratio = torch.zeros_like(present), zero, false
+        if c.detects_vanishing:
+            below, vanishing_threshold, by_ratio = vanishing_layers(
+                norms, present & self._judged, c.vanishing_min_norm, c.vanishing_min_ratio
+            )
+            self._streak = torch.where(
+                finite_step, torch.where(below, self._streak + 1, 0), self._streak
+            )
+            vanishing_now_layers = finite_step & (self._streak >= c.vanishing_patience)
+
+        # loss: non-finite, or a z-score spike
+        loss_now, loss_threshold, loss_value, loss_by_spike = false, zero, zero, false
+        if loss is not None:
+            loss_value = loss.detach().to(device=self._device, dtype=self._dtype).reshape(())
+            loss_finite = torch.isfinite(loss_value)
+            loss_now = ~loss_finite
+            if self._loss is not None:
+                loss_by_spike, loss_threshold = self._loss.step(loss_value, loss_finite)
+                loss_now = loss_now | loss_by_spike
+
+        self._accumulate(
+            torch.stack([nonfinite_now, exploding_now, vanishing_now_layers.any(), loss_now]),
+            torch.stack([zero, threshold, vanishing_threshold, loss_threshold]),
+            amp,
+            torch.stack(
+                [
+                    total,
+                    by_spike,
+                    by_ratio,
+                    torch.nan_to_num(loss_value, nan=math.inf),
+                    loss_by_spike,
+                ]
+            ),
+            torch.stack([nonfinite & nonfinite_now, exploding_layers, vanishing_now_layers]),
+            norms,
+        )
+
+    def _accumulate(
+        self,
+        now: Tensor,
+        thresholds: Tensor,
+        amp: Tensor,
+        details: Tensor,
+        layers_now: Tensor,
+        norms: Tensor,
+    ) -> None:
+        s = self._scalars
+        k = NUM_KINDS
+        now_f = now.to(self._dtype)
+        s[S_COUNT : S_COUNT + k] += now_f
+        age = s[S_AGE : S_AGE + k]
+        s[S_AGE : S_AGE + k] = torch.where(age > 0, age + 1, now_f)
+        s[S_NOW : S_NOW + k] = now_f
+        s[S_THRESHOLD : S_THRESHOLD + k] = torch.where(
+            now, thresholds, s[S_THRESHOLD : S_THRESHOLD + k]
+        )
+        s[S_AMP_COUNT] += amp
+        s[S_AMP_NOW] = amp.to(self._dtype)
+        # total/spike rule follow the exploding flag, ratio rule vanishing, loss the loss
+        owners = now[[1, 1, 2, 3, 3]]
+        slots = [S_TOTAL, S_SPIKE_RULE, S_RATIO_RULE, S_LOSS, S_LOSS_RULE]
+        s[slots] = torch.where(owners, details.to(self._dtype), s[slots])
+        self._layers_any |= layers_now
+        self._layers_now = layers_now
+        encoded = torch.where(torch.isnan(norms), NAN_CODE, norms)
+        self._values = torch.where(layers_now, encoded.expand(LAYER_KINDS, -1), self._values)
+        self.now = now
+
+    # ------------------------------------------------------------------ host side
+
+    def pack(self) -> Tensor:
+        """The pending flags, counts, values and thresholds in one device tensor.
+
+        Every entry is a flag, a count or a non-negative value (NaN encoded), so the
+        packed tensors of several ranks combine with an element-wise MAX.
+        """
+        if not self._ready:
+            return torch.zeros(packed_size(self.num_layers))
+        return torch.cat(
+            [
+                self._scalars,
+                self._layers_any.flatten().to(self._dtype),
+                self._layers_now.flatten().to(self._dtype),
+                self._values.flatten(),
+            ]
+        )
+
+    def decode(self, values: Sequence[float]) -> Findings:
+        """Turn :meth:`pack`'s output, copied to the host, into :class:`Findings`."""
+        num_layers = self.num_layers
+        scalars = values[:NUM_SCALARS]
+        blocks = values[NUM_SCALARS:]
+        steps = self.steps or [self.updates - 1]
+        kinds = []
+        for k, kind in enumerate(KINDS):
+            count = round(scalars[S_COUNT + k])
+            age = round(scalars[S_AGE + k])
+            chosen: list[int] = []
+            active: tuple[str, ...] = ()
+            layer_values: tuple[float, ...] = ()
+            if k < LAYER_KINDS:
+                row_any = blocks[k * num_layers : (k + 1) * num_layers]
+                row_now = blocks[
+                    (LAYER_KINDS + k) * num_layers : (LAYER_KINDS + k + 1) * num_layers
+                ]
+                row_values = blocks[(2 * LAYER_KINDS + k) * num_layers :][:num_layers]
+                chosen = [i for i, flag in enumerate(row_any) if flag > 0.5]
+                active = tuple(self.layer_names[i] for i, flag in enumerate(row_now) if flag > 0.5)
+                layer_values = tuple(
+                    math.nan if row_values[i] == NAN_CODE else float(row_values[i]) for i in chosen
+                )
+            rule, threshold = kind, None
+            if kind in _RULES_OF:
+                flag_slot = {"exploding": S_SPIKE_RULE, "vanishing": S_RATIO_RULE}.get(
+                    kind, S_LOSS_RULE
+                )
+                rule = _RULES_OF[kind][0 if scalars[flag_slot] > 0.5 else 1]
+                if rule != "nonfinite_loss":
+                    threshold = float(scalars[S_THRESHOLD + k])
+            kinds.append(
+                KindFindings(
+                    kind=kind,
+                    count=count,
+                    first_step=steps[max(0, len(steps) - age)] if count and age else None,
+                    now=scalars[S_NOW + k] > 0.5,
+                    layers=tuple(self.layer_names[i] for i in chosen),
+                    values=layer_values,
+                    active=active,
+                    threshold=threshold if count else None,
+                    rule=rule if count else "",
+                    total_norm=float(scalars[S_TOTAL]) if count and kind == "exploding" else None,
+                    loss=float(scalars[S_LOSS]) if count and kind == "loss_spike" else None,
+                )
+            )
+        return Findings(
+            *kinds,
+            amp_overflows=round(scalars[S_AMP_COUNT]),
+            amp_now=scalars[S_AMP_NOW] > 0.5,
+            updates=len(self.steps),
+        )
+
+    def clear_pending(self) -> None:
+        """Forget the accumulated flags (the running statistics stay)."""
+        self.steps = []
+        if self._ready:
+            self._scalars.zero_()
+            self._layers_any.zero_()
+            self._layers_now.zero_()
+            self._values.zero_()
+
+    def read(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Findings:
+        """Copy the pending flags to the host (one transfer), decode and clear them.
+
+        Args:
+            reduce: applied to the packed tensor before the copy, e.g. an all-reduce
+                with MAX so that every rank sees the same findings.
+        """
+        packed = self.pack()
+        if reduce is not None:
+            packed = reduce(packed)
+        findings = self.decode(packed.cpu().tolist())
+        self.clear_pending()
+        return findings
+
+    def check(
+        self,
+        stats: GradientStats,
+        step: int | None = None,
+        amp_overflow: Tensor | None = None,
+        loss: Tensor | None = None,
+    ) -> list[Any]:
+        """:meth:`update` then :meth:`read`: the events of this step (action ``"none"``)."""
+        self.update(stats, step, amp_overflow, loss)
+        findings = self.read()
+        return [e for k in findings.kinds() if (e := k.event("none")) is not None]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running statistics (spike windows, per-layer EMAs, vanishing streaks), on CPU."""
+        state: dict[str, Any] = {"layer_names": list(self.layer_names), "updates": self.updates}
+        if self._ready:
+            state["streak"] = self._streak.cpu()
+            if self._total is not None and self._layers is not None:
+                state["total"] = self._total.state_dict()
+                state["layers"] = self._layers.state_dict()
+            if self._loss is not None:
+                state["loss"] = self._loss.state_dict()
+        elif self._loaded_state is not None:
+            state = dict(self._loaded_state)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; ignored when the layers differ."""
+        if list(state.get("layer_names", [])) != list(self.layer_names):
+            return
+        self.updates = int(state.get("updates", 0))
+        if self._ready:
+            self._apply_state(state, self._scalars)
+        else:
+            self._loaded_state = dict(state)
+
+    def _apply_state(self, state: dict[str, Any], like: Tensor) -> None:
+        if "streak" in state and state["streak"].numel() == self.num_layers:
+            self._streak = state["streak"].to(self._device)
+        if self._total is not None and self._layers is not None:
+            self._total.load_state_dict(state.get("total", {}), like)
+            self._layers.load_state_dict(state.get("layers", {}), like)
+        if self._loss is not None:
+            self._loss.load_state_dict(state.get("loss", {}), like)

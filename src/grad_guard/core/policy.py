@@ -1,0 +1,218 @@
+"""What to do about what the rules found: actions, counts, events and rate-limited warnings.
+
+:class:`AnomalyPolicy` is the host half of anomaly detection, shared by every front end
+(the Lightning callbacks and the plain-loop guard), so both count, record, warn and
+decide alike. It never touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from grad_guard._validation import check_choice, check_int
+from grad_guard.core.detect.config import DetectionConfig
+from grad_guard.core.detect.findings import Findings
+from grad_guard.core.detect.ratelimit import WarnedLayers
+from grad_guard.core.events import (
+    DROPPING_ACTIONS,
+    EXPLODING_ACTIONS,
+    KINDS,
+    LOSS_SPIKE_ACTIONS,
+    NONFINITE_ACTIONS,
+    VANISHING_ACTIONS,
+    AnomalyEvent,
+)
+from grad_guard.core.layers import Granularity, validate_granularity
+from grad_guard.core.stats import validate_norm_type
+
+COUNTERS = (*KINDS, "amp_overflow", "skipped_steps", "rollbacks")
+ACTION_CHOICES = {
+    "nonfinite": NONFINITE_ACTIONS,
+    "exploding": EXPLODING_ACTIONS,
+    "vanishing": VANISHING_ACTIONS,
+    "loss_spike": LOSS_SPIKE_ACTIONS,
+}
+
+
+@dataclass
+class Decision:
+    """What a read of the findings asks the front end to do and say.
+
+    Attributes:
+        events: events recorded by this read (new ones only, rate-limited).
+        warnings: messages to warn with, after the actions were applied.
+        actions: action -> the event that asks for it, for the latest step.
+        stop_reason: set when the run must stop (a ``"stop"`` action or too many
+            consecutive skips).
+    """
+
+    events: list[AnomalyEvent] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    actions: dict[str, AnomalyEvent] = field(default_factory=dict)
+    stop_reason: str | None = None
+
+
+class AnomalyPolicy:
+    r"""Actions per kind, and the counts, events and warnings they produce.
+
+    Args:
+        config: the rules' thresholds.
+        on_nonfinite, on_exploding, on_vanishing, on_loss_spike: the action per kind.
+        max_consecutive_skips: stop after this many dropped steps in a row.
+        max_events: keep at most this many events (the counters keep counting).
+        granularity: the layers the rules judge.
+        norm_type: p of the judged norms.
+
+    Attributes:
+        counts: steps per anomaly kind, plus ``amp_overflow``, ``skipped_steps`` and
+            ``rollbacks`` (``skipped_steps`` counts every step whose gradients were not
+            applied, rolled-back ones included).
+        events: the recorded :class:`AnomalyEvent`\ s, oldest first.
+
+    Raises:
+        ValueError: if an action is not allowed for its kind, or a limit is not an int.
+
+    Example:
+        >>> policy = AnomalyPolicy(DetectionConfig(), on_vanishing="skip")
+        Traceback (most recent call last):
+        ...
+        ValueError: `on_vanishing` must be one of 'warn', 'stop', 'raise', got 'skip'
+    """
+
+    def __init__(
+        self,
+        config: DetectionConfig,
+        on_nonfinite: str = "skip",
+        on_exploding: str = "warn",
+        on_vanishing: str = "warn",
+        on_loss_spike: str = "warn",
+        max_consecutive_skips: int = 10,
+        max_events: int = 1000,
+        granularity: Granularity = "module",
+        norm_type: float | str = 2.0,
+    ) -> None:
+        self.config = config
+        self.granularity = validate_granularity(granularity)
+        self.norm_type = validate_norm_type(norm_type)
+        given = {
+            "nonfinite": on_nonfinite,
+            "exploding": on_exploding,
+            "vanishing": on_vanishing,
+            "loss_spike": on_loss_spike,
+        }
+        self.actions = {
+            kind: check_choice(f"on_{kind}", action, ACTION_CHOICES[kind])
+            for kind, action in given.items()
+        }
+        self.max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips)
+        self.max_events = check_int("max_events", max_events, minimum=0)
+        enabled = {
+            "nonfinite": True,
+            "exploding": config.detects_exploding,
+            "vanishing": config.detects_vanishing,
+            "loss_spike": True,
+        }
+        self.enabled = enabled
+        #: kinds whose action drops the step (evaluated on the device, see the engine)
+        self.dropping = tuple(
+            enabled[kind] and self.actions[kind] in DROPPING_ACTIONS for kind in KINDS
+        )
+        self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.events: list[AnomalyEvent] = []
+        self.events_dropped = 0
+        self._warned = WarnedLayers()
+        self._streaks: dict[str, int] = {}
+
+    def needs_host_decision(self, dropping_folded: bool) -> bool:
+        """Whether every step must be read on the host to act in time.
+
+        ``"stop"``, ``"raise"`` and ``"rollback"`` need the host; ``"skip"`` does not
+        when the optimizer drops the step in its own kernel (``dropping_folded``).
+        """
+        for kind in KINDS:
+            action = self.actions[kind]
+            if not self.enabled[kind] or action == "warn":
+                continue
+            if action == "skip" and dropping_folded:
+                continue
+            return True
+        return False
+
+    def decide(
+        self, findings: Findings, label: str, dropped: int, streak: int, act: bool = True
+    ) -> Decision:
+        """Count, record and rate-limit; return the actions due for the latest step.
+
+        Args:
+            findings: what the rules found since the last read.
+            label: which optimizer (``""`` for the only one).
+            dropped: steps dropped since the last read (skips and rollbacks).
+            streak: dropped steps in a row, the latest included.
+            act: ``False`` for a final read (end of training) that only records.
+        """
+        decision = Decision()
+        self.counts["amp_overflow"] += findings.amp_overflows
+        for found in findings.kinds():
+            action = self.actions[found.kind]
+            self.counts[found.kind] += found.count
+            event, warn = self._warned.admit(found, action)
+            if event is not None:
+                decision.events.append(event)
+                if len(self.events) < self.max_events:
+                    self.events.append(event)
+                else:
+                    self.events_dropped += 1
+                if warn:
+                    decision.warnings.append(
+                        f"{event.message()} Seen on {self.counts[found.kind]} step(s) so "
+                        "far; further warnings for these layers are held back until they "
+                        f"recover. Try: {event.advice()}."
+                    )
+            if act and found.now and action != "warn":
+                chosen = event or found.event(action)
+                if chosen is not None:
+                    decision.actions.setdefault(action, chosen)
+        self.counts["skipped_steps"] += dropped
+        self._streaks[label] = streak
+        if "stop" in decision.actions:
+            decision.stop_reason = decision.actions["stop"].message()
+        elif streak >= self.max_consecutive_skips and act:
+            last = next(iter(decision.actions.values()), None)
+            decision.stop_reason = (
+                f"grad_guard: {streak} consecutive optimizer steps were skipped "
+                f"(max_consecutive_skips={self.max_consecutive_skips}); stopping training "
+                "cleanly. Last anomaly: " + (last.message() if last is not None else "n/a")
+            )
+            if streak - dropped < self.max_consecutive_skips:  # crossed the limit now
+                decision.warnings.append(decision.stop_reason)
+        return decision
+
+    def record(self, event: AnomalyEvent) -> None:
+        """Keep an event made outside the rules (a rollback, say)."""
+        if len(self.events) < self.max_events:
+            self.events.append(event)
+        else:
+            self.events_dropped += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "events": [event.to_dict() for event in self.events],
+            "events_dropped": self.events_dropped,
+            "consecutive_skips": dict(self._streaks),
+            "warned": self._warned.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        counts = state.get("counts", {})
+        self.counts = {name: int(counts.get(name, 0)) for name in COUNTERS}
+        self.events = [AnomalyEvent.from_dict(e) for e in state.get("events", [])]
+        self.events_dropped = int(state.get("events_dropped", 0))
+        self._streaks = {str(k): int(v) for k, v in state.get("consecutive_skips", {}).items()}
+        self._warned.load_state_dict(state.get("warned", {}))
+
+    def streak(self, label: str) -> int:
+        """Dropped steps in a row for ``label``, as of the last read."""
+        return self._streaks.get(label, 0)
