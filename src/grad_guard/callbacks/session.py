@@ -308,9 +308,7 @@ def _someone_needs_clipped_grads(trainer: Any, pl_module: Any) -> bool:
 
 
 def _overridden(cls: type, name: str, base: str) -> bool:
-    """Whether ``cls`` overrides ``base.name`` (``lightning`` or ``pytorch_lightning`` base)."""
+    """Whether ``cls`` (not Lightning itself) overrides the ``base`` hook ``name``."""
     method = getattr(cls, name, None)
-    qualname = getattr(method, "__qualname__", "")
     module = getattr(method, "__module__", "") or ""
-    inherited = qualname == f"{base}.{name}" and module.startswith(("lightning", "pytorch_lightning"))
-    return method is not None and not inherited
+    return method is not None and not module.startswith(("lightning.", "pytorch_lightning."))

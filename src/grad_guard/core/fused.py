@@ -25,6 +25,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch  # noqa: F401  (the examples use it)
 from torch import Tensor
 from torch.optim import Optimizer
 
