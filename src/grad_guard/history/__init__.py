@@ -11,17 +11,14 @@ per-layer aggregates (min, max, zero / no-gradient / non-finite counts, last val
 are updated on every record.
 
 Modules: :mod:`~grad_guard.history.gradient_history` (the class),
-:mod:`~grad_guard.history.aggregate` (the exact per-layer facts). A history is rebuilt
+:mod:`~grad_guard.history.aggregate` (the exact per-layer facts),
+:mod:`~grad_guard.history.events` (events as plain data). A history is rebuilt
 from TensorBoard event files by :func:`grad_guard.report.run_reader.read_run` (or the
 shortcut :meth:`GradientHistory.from_event_files`).
 """
 
 from grad_guard.history.aggregate import LayerAggregate
-from grad_guard.history.gradient_history import (
-    COUNTER_NAMES,
-    QUANTITIES,
-    GradientHistory,
-    event_to_dict,
-)
+from grad_guard.history.events import event_to_dict
+from grad_guard.history.gradient_history import COUNTER_NAMES, QUANTITIES, GradientHistory
 
 __all__ = ["COUNTER_NAMES", "QUANTITIES", "GradientHistory", "LayerAggregate", "event_to_dict"]

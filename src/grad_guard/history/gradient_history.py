@@ -11,7 +11,7 @@ import numpy as np
 
 from grad_guard._validation import check_int
 from grad_guard.history.aggregate import LayerAggregate
-from grad_guard.jsonsafe import plain
+from grad_guard.history.events import event_to_dict
 
 QUANTITIES: tuple[str, ...] = ("grad_norm", "param_norm", "update_ratio")
 """Per-layer quantities a history holds, one matrix each."""
@@ -282,18 +282,6 @@ class GradientHistory:
         from grad_guard.report.run_reader import newest_run, read_run
 
         return read_run(newest_run(logdir), max_steps=max_steps).history
-
-
-def event_to_dict(event: Any) -> dict[str, Any]:
-    """An anomaly event (dataclass or mapping) as plain, JSON-friendly Python data.
-
-    Example:
-        >>> event_to_dict({"step": 3, "kind": "nonfinite", "layers": ("fc1",)})
-        {'step': 3, 'kind': 'nonfinite', 'layers': ['fc1']}
-    """
-    if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        return plain(dataclasses.asdict(event))
-    return plain(dict(event))
 
 
 def _merge_nonfinite(columns: list[np.ndarray], index: int, other: np.ndarray) -> None:

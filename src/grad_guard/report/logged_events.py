@@ -93,6 +93,23 @@ def parse_event_markdown(text: str) -> dict[str, Any] | None:
     return event
 
 
+def parse_events_markdown(text: str) -> list[dict[str, Any]]:
+    """Every event in one text entry (one per entry is the rule; several are accepted).
+
+    Example:
+        >>> text = "**vanishing** at step 3 — action `warn`\\n**exploding** at step 3 — action `skip`"
+        >>> [e["kind"] for e in parse_events_markdown(text)]
+        ['vanishing', 'exploding']
+    """
+    chunks: list[list[str]] = []
+    for line in text.strip().splitlines():
+        if _FIRST_LINE.match(line.strip()) or not chunks:
+            chunks.append([])
+        chunks[-1].append(line)
+    events = [parse_event_markdown("\n".join(chunk)) for chunk in chunks]
+    return [e for e in events if e is not None]
+
+
 def describe_event(event: dict[str, Any], most_layers: int = 3) -> str:
     """One line for the report, e.g. ``"step 40: exploding (action skip) in fc1 (3e+03)"``.
 

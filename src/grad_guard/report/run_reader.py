@@ -18,7 +18,7 @@ from typing import Any
 
 from grad_guard.history import GradientHistory
 from grad_guard.report.eventfile import FileRead, read_event_file
-from grad_guard.report.logged_events import EVENTS_TAG, parse_event_markdown
+from grad_guard.report.logged_events import EVENTS_TAG, parse_events_markdown
 from grad_guard.report.run_config import CONFIG_TAG, RunConfig
 
 EVENT_FILE_PATTERN = "events.out.tfevents.*"
@@ -167,7 +167,7 @@ def read_run(run_dir: str, max_steps: int = 512) -> RunData:
 
 
 def _read_texts(run: RunData, texts: Sequence[tuple[int, str, str]]) -> None:
-    events: dict[tuple[int, str], dict[str, Any]] = {}
+    events: dict[tuple[int, str, int], dict[str, Any]] = {}
     for step, tag, text in texts:
         if tag == CONFIG_TAG:
             try:
@@ -175,9 +175,8 @@ def _read_texts(run: RunData, texts: Sequence[tuple[int, str, str]]) -> None:
             except ValueError as err:
                 run.config_error = str(err)
         elif tag == EVENTS_TAG:
-            event = parse_event_markdown(text)
-            if event is not None:
-                events[(step, text)] = event  # a step written twice (resume) counts once
+            for i, event in enumerate(parse_events_markdown(text)):
+                events[(step, text, i)] = event  # an entry written twice (resume) counts once
     run.events = sorted(events.values(), key=lambda e: e["step"])
 
 
