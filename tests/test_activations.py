@@ -96,7 +96,7 @@ def test_statistics_are_exact_for_known_values():
     stats = measure(model, x, saturation_threshold=0.99)
     layer = stats["1"]
     assert layer.nonfinite_fraction == pytest.approx(1 / 8)
-    assert math.isnan(layer.mean) and math.isnan(layer.std)  # NaN/Inf outputs: no scale
+    assert not math.isfinite(layer.mean) and math.isnan(layer.std)  # NaN/Inf outputs: no scale
     # sigmoid(10), sigmoid(-10), sigmoid(inf) are beyond 0.99 / below 0.01
     assert layer.saturated_fraction == pytest.approx(3 / 8)
     model = nn.Sequential(nn.Identity(), Scale(3), nn.Sigmoid())
