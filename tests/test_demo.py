@@ -1,4 +1,4 @@
-"""``grad-guard demo`` (grad_guard.demo): runs, outputs, table, options and errors."""
+"""``grad-guard demo`` (grad_guard.demo): runs, outputs, table, options, reproducibility."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 
 from grad_guard import demo
 from grad_guard.cli import main
-from grad_guard.experiments import default_experiments
+from grad_guard.demo.experiments import default_experiments
+from grad_guard.demo.results import without_wall_clock
+from grad_guard.demo.tables import COLUMNS
 
 from helpers import event_dirs, read_scalars
 
@@ -25,127 +27,157 @@ pytest.importorskip("rich")
 from matplotlib.image import imread
 
 NAMES = [exp.name for exp in default_experiments()]
+QUICK = ["--quick", "--steps", "12", "--jobs", "1"]
+"""The quick demo, shortened further for the suite (every row, one seed, 12 steps)."""
+TINY = ["--steps", "3", "--depth", "3", "--seeds", "2", "--no-progress"]
 
 
-def _row_cells(text: str, run: dict) -> list[str]:
-    """The printed table row of ``run``, split into cells (the last one is the diagnosis)."""
-    ratio = f"{run['grad_ratio']:.1e}"
-    lines = [
-        line
-        for line in text.splitlines()
-        if line.startswith(run["name"] + " ") and f" {ratio} " in line
-    ]
-    assert len(lines) == 1, f"no single table row for {run['name']!r} in:\n{text}"
-    cells = lines[0].split(maxsplit=len(demo.COLUMNS) - 1)
-    assert len(cells) == len(demo.COLUMNS), lines[0]
-    return cells
+def _results(out: Path) -> dict:
+    return json.loads((out / demo.RESULTS_JSON).read_text())
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``grad-guard demo --quick`` run once, in-process, with its progress bar."""
+    """``grad-guard demo --quick`` (shortened) run once, in-process, with its progress bar."""
     out = tmp_path_factory.mktemp("demo") / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["demo", "--quick", "--out", str(out)])
-    results = json.loads((out / demo.RESULTS_JSON).read_text())
-    return code, out, stdout.getvalue(), stderr.getvalue(), results
+        code = main(["demo", *QUICK, "--out", str(out)])
+    return code, out, stdout.getvalue(), stderr.getvalue(), _results(out)
 
 
-def test_quick_demo_exits_zero_and_trains_every_run(quick):
+def test_quick_demo_exits_zero_and_trains_every_row(quick):
     code, out, printed, _, results = quick
     assert code == 0
-    runs = {run["name"]: run for run in results["runs"]}
-    assert list(runs) == NAMES
-    assert all(run["steps"] == demo.QUICK_STEPS for run in runs.values())
-    assert all(run["steps_run"] == demo.QUICK_STEPS for run in runs.values())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert list(rows) == NAMES
+    for row in rows.values():
+        assert [run["seed"] for run in row["runs"]] == [0]  # --quick: one seed
+        assert [run["steps_run"] for run in row["runs"]] == [12]
+    assert results["command"] == "grad-guard demo --quick --steps 12"
     assert f"tensorboard --logdir {out}" in printed
-    assert "480/480" in printed  # the progress bar over the whole matrix reached its end
+    assert f"{len(NAMES)}/{len(NAMES)}" in printed  # the progress bar over all runs
 
 
-def test_quick_demo_writes_event_files_per_run(quick):
+def test_quick_demo_writes_event_files_and_reports_per_run(quick):
     _, out, _, _, results = quick
     dirs = event_dirs(str(out))
-    for run in results["runs"]:
-        run_dir = out / run["name"]
-        assert [d for d in dirs if Path(d).parent == run_dir], run["name"]
-        scalars = read_scalars(run["log_dir"])
-        assert any(tag.startswith("grad_norm/") for tag in scalars), run["name"]
-        assert "grad_guard/anomalies/vanishing" in scalars
-        # the health report went into the run folder
-        assert (Path(run["log_dir"]) / "grad_guard_report.md").is_file()
-    clipped = read_scalars(results["runs"][NAMES.index("relu-he-d12-clip-norm")]["log_dir"])
+    for row in results["rows"]:
+        run_dir = out / row["runs"][0]["log_dir"]
+        assert run_dir == out / row["name"] / "seed_0"
+        assert str(run_dir) in dirs, row["name"]
+        scalars = read_scalars(str(run_dir))
+        assert any(tag.startswith("grad_norm/") for tag in scalars), row["name"]
+        assert (run_dir / "grad_guard_report.md").is_file()
+        assert (run_dir / "gradient_heatmap.png").is_file()  # the showcase seed draws
+    clipped = read_scalars(str(out / "relu-he-lr0.1-clip-norm" / "seed_0"))
     assert any(tag.startswith("grad_guard/clip") for tag in clipped)
 
 
 def test_quick_demo_writes_the_comparison_png_and_the_markdown(quick):
     _, out, _, _, _ = quick
-    png = out / demo.FIGURE_NAME
-    image = imread(png)
+    image = imread(out / demo.FIGURE_NAME)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 900
-    assert png.stat().st_size < 300_000
     markdown = (out / demo.RESULTS_MD).read_text()
-    assert markdown.count("\n| ") == len(NAMES) + 1  # header + one line per run
+    assert markdown.count("\n| ") == len(NAMES) + 1  # header + one line per row
     assert "## What each row teaches" in markdown
 
 
-def test_table_flags_the_vanishing_row_and_not_the_residual_row(quick):
+def test_quick_demo_shows_the_step0_facts_it_guarantees(quick):
+    """What holds after any number of steps: the step-0 gradient ratio and clipping."""
     _, _, printed, _, results = quick
-    runs = {run["name"]: run for run in results["runs"]}
-
-    sigmoid = runs["sigmoid-default"]
-    assert sigmoid["grad_ratio"] < 1e-6
-    assert sigmoid["counts"]["vanishing"] > 0 or any(
-        rule.startswith("vanishing") for rule in sigmoid["rules"]
-    )
+    rows = {row["name"]: row for row in results["rows"]}
+    sigmoid = rows["sigmoid-default"]["runs"][0]
+    assert sigmoid["grad_ratio"] < 1e-6 and sigmoid["accuracy"] < 0.2
+    assert sigmoid["outcome"] == "vanishes"
     assert "vanishing" in sigmoid["problems"]
-    cells = _row_cells(printed, sigmoid)
-    assert cells[3] == str(sigmoid["counts"]["vanishing"])  # the vanishing column
-    assert "vanishing" in cells[-1]  # the diagnosis column
-
-    residual = runs["residual-bn"]
-    assert 0.1 < residual["grad_ratio"] < 10
-    assert residual["problems"] == [] and residual["rules"] == []
-    assert residual["counts"]["vanishing"] == residual["counts"]["exploding"] == 0
-    assert residual["accuracy"] > 0.5
-    cells = _row_cells(printed, residual)
-    assert cells[3:6] == ["0", "0", "0"] and cells[-1].strip() == "healthy"
-
-
-def test_unclipped_rows_observe_and_clipped_rows_clip(quick):
-    _, _, _, _, results = quick
-    for run in results["runs"]:
-        if run["clip_algorithm"] is None:
-            assert run["clipped_fraction"] is None, run["name"]
+    table = [line for line in printed.splitlines() if line.startswith("sigmoid-default ")]
+    assert any("vanishes 1/1" in line for line in table)  # the table's row
+    residual = rows["residual-bn"]["runs"][0]
+    assert 0.1 < residual["grad_ratio"] < 10 and residual["problems"] == []
+    for name, row in rows.items():
+        run = row["runs"][0]
+        if row["clip_algorithm"] is None:
+            assert run["clipped_fraction"] is None, name
         else:
-            assert 0.0 < run["clipped_fraction"] <= 1.0, run["name"]
+            # ZClip only clips spikes after its 25-step warm-up: in 12 steps it may not;
+            # the fixed, percentile and unit-wise bounds are crossed from the first steps
+            assert 0.0 <= run["clipped_fraction"] <= 1.0, name
+            if row["clip_algorithm"] in ("norm", "agc", "autoclip"):
+                assert run["clipped_fraction"] > 0.0, name
 
 
-def test_per_run_reports_and_anomaly_warnings_stay_quiet(quick):
+def test_reports_and_anomaly_warnings_stay_quiet(quick):
     _, _, printed, errors, _ = quick
     assert "grad_guard report:" not in printed  # each run's report header
     assert "GradientAnomalyWarning" not in errors
     assert "What each row teaches" in printed
 
 
-def test_help_explains_the_experiment(capsys):
-    assert main(["demo", "--help"]) == 0
-    text = capsys.readouterr().out
+def test_two_runs_give_the_same_results_json_but_for_the_times(tmp_path):
+    for name in ("a", "b", "a"):  # "a" twice: a rerun into the same folder
+        assert demo.main([*TINY, "--jobs", "1", "--out", str(tmp_path / name)]) == 0
+        if name == "b":
+            first = _results(tmp_path / "a")
+    a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
+    assert without_wall_clock(a) == without_wall_clock(b) == without_wall_clock(first)
+    assert a["timing"]["wall_time_s"] > 0 and "timing" not in without_wall_clock(a)
+    # the rerun replaced the run folders instead of adding version_1
+    assert sorted(p.name for p in (tmp_path / "a" / "relu-he").iterdir()) == ["seed_0", "seed_1"]
+
+
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path):
+    """The console script with --jobs 2 against the in-process run with --jobs 1."""
+    script = shutil.which("grad-guard")
+    command = [script] if script else [sys.executable, "-m", "grad_guard.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "jobs2"
+    done = subprocess.run(
+        [*command, "demo", *TINY, "--jobs", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"tensorboard --logdir {out}" in done.stdout
+    assert len(event_dirs(str(out))) >= 2 * len(NAMES)
+    assert demo.main([*TINY, "--jobs", "1", "--out", str(tmp_path / "jobs1")]) == 0
+    two, one = _results(out), _results(tmp_path / "jobs1")
+    assert two["timing"]["jobs"] == 2 and one["timing"]["jobs"] == 1
+    assert without_wall_clock(two) == without_wall_clock(one)
+
+
+def test_help_explains_every_row_without_importing_torch():
+    code = (
+        "import sys; from grad_guard.demo import main; code = main(['--help']); "
+        "print('IMPORTED', [m for m in ('torch', 'lightning') if m in sys.modules]); "
+        "sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "IMPORTED []" in text
     assert "vanishing" in text.lower() and "exploding" in text.lower()
-    for option in ("--quick", "--out", "--steps", "--depth", "--seed", "--no-progress"):
+    for option in ("--quick", "--out", "--steps", "--seeds", "--seed", "--depth", "--jobs"):
         assert option in text
-    for name in NAMES:
-        assert name in text
+    for exp in default_experiments():
+        assert f"{exp.name}  ({exp.expected})" in text
 
 
 @pytest.mark.parametrize(
     "argv, option",
-    [(["--steps", "0"], "--steps"), (["--depth", "1"], "--depth"), (["--steps", "x"], "--steps")],
+    [
+        (["--steps", "0"], "--steps"),
+        (["--depth", "1"], "--depth"),
+        (["--steps", "x"], "--steps"),
+        (["--seeds", "0"], "--seeds"),
+        (["--jobs", "0"], "--jobs"),
+    ],
 )
 def test_invalid_option_exits_non_zero_naming_it(argv, option, tmp_path, capsys):
     assert main(["demo", *argv, "--out", str(tmp_path / "out")]) != 0
-    error = capsys.readouterr().err
-    assert f"argument {option}" in error
+    assert f"argument {option}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -161,28 +193,11 @@ def test_plain_text_table_without_rich(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.console", None)
     out = tmp_path / "out"
-    assert demo.main(["--steps", "2", "--depth", "3", "--out", str(out), "--no-progress"]) == 0
+    assert demo.main(["--steps", "2", "--depth", "3", "--seeds", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    header = next(line for line in printed.splitlines() if line.startswith("run "))
-    assert all(column in header for column in demo.COLUMNS)
+    header = next(line for line in printed.splitlines() if line.startswith("row "))
+    assert all(column in header for column in COLUMNS)
     assert "─" not in printed  # no rich rule under the header
-    runs = json.loads((out / demo.RESULTS_JSON).read_text())["runs"]
-    assert [run["steps_run"] for run in runs] == [2] * len(NAMES)
-
-
-def test_console_script_runs_the_demo(tmp_path):
-    script = shutil.which("grad-guard")
-    command = [script] if script else [sys.executable, "-m", "grad_guard.cli"]
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [*command, "demo", "--steps", "3", "--depth", "4", "--no-progress", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"tensorboard --logdir {out}" in done.stdout
-    assert (out / demo.FIGURE_NAME).is_file()
-    assert len(event_dirs(str(out))) >= len(NAMES)
+    assert "sigmoid-default            seed 0" in printed  # one plain line per finished run
+    rows = _results(out)["rows"]
+    assert [row["runs"][0]["steps_run"] for row in rows] == [2] * len(NAMES)

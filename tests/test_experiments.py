@@ -1,4 +1,4 @@
-"""The experiment runner behind ``grad-guard demo`` (grad_guard.experiments)."""
+"""The experiment runner behind ``grad-guard demo`` (grad_guard.demo.runner, .experiments)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from grad_guard.demo.settings import DEFAULT_STEPS
 from grad_guard.experiments import (
-    CLIP_ALGORITHMS,
+    OUTCOMES,
     Experiment,
     ExperimentResult,
     default_experiments,
@@ -183,33 +184,56 @@ def test_probe_gradients_leaves_the_model_untouched() -> None:
     assert "blocks.1.norm" in probe.layer_norms  # reported, but not used for the ratio
 
 
-# --------------------------------------------------------------------------- the demo's matrix
+# --------------------------------------------------------------------------- the demo's rows
 
 
-def test_default_experiments_matrix() -> None:
+def test_default_experiments_rows() -> None:
     exps = default_experiments()
     names = [e.name for e in exps]
     assert names == [
-        "sigmoid-default", "tanh-xavier", "relu-he", "relu-he-d12", "relu-he-d12-clip-norm",
-        "residual-bn", "relu-he-d12-zclip", "relu-he-d12-autoclip",
+        "sigmoid-default", "tanh-xavier", "relu-he", "relu-he-lr0.1",
+        "relu-he-lr0.1-clip-norm", "relu-he-lr0.1-autoclip", "relu-he-lr0.1-agc",
+        "relu-he-lr0.1-zclip", "residual-bn",
     ]  # fmt: skip
     by_name = dict(zip(names, exps, strict=True))
-    assert by_name["sigmoid-default"].expected == "vanishing"
-    assert by_name["relu-he-d12"].expected == "exploding"
-    assert by_name["relu-he-d12-clip-norm"].clip_kwargs == {"max_norm": 1.0}
-    assert by_name["relu-he-d12-zclip"].clip_algorithm == "zscore"
-    assert by_name["relu-he-d12-autoclip"].clip_algorithm == "autoclip"
+    assert by_name["sigmoid-default"].expected == "vanishes"
+    assert by_name["relu-he-lr0.1"].expected == "diverges"
+    assert by_name["relu-he-lr0.1-clip-norm"].clip_kwargs == {"max_norm": 1.0}
+    assert by_name["relu-he-lr0.1-zclip"].clip_algorithm == "zscore"
+    assert by_name["relu-he-lr0.1-autoclip"].clip_algorithm == "autoclip"
+    # the clipped rows are the diverging row plus a clipper, nothing else
+    base = by_name["relu-he-lr0.1"].to_dict()
     for exp in exps:
-        assert exp.lr == 0.1 and exp.batch_size == 64 and exp.steps == 200 and exp.lesson
-        assert exp.clip_algorithm is None or exp.clip_algorithm in CLIP_ALGORITHMS
+        assert exp.batch_size == 64 and exp.steps == DEFAULT_STEPS and exp.lesson
+        assert exp.expected in OUTCOMES
+        if exp.clip_algorithm is not None:
+            assert exp.expected == "rescued" or exp.clip_algorithm == "zscore"
+            clipped = {**exp.to_dict(), "name": base["name"], "expected": base["expected"]}
+            clipped.update(clip_algorithm=None, clip_kwargs={}, lesson=base["lesson"])
+            assert clipped == base, exp.name
         model = exp.build_model(64, 10)
         assert sum(isinstance(m, nn.Linear) for m in model.modules()) == exp.model_kwargs["depth"]
         json.dumps(exp.to_dict())
-    assert [e.steps for e in default_experiments(depth=6, steps=40, clip_depth=4)] == [40] * 8
-    assert default_experiments(clip_depth=8)[3].name == "relu-he-d8"
+    assert [e.steps for e in default_experiments(depth=6, steps=40, relu_depth=4)] == [40] * 9
+    assert default_experiments(relu_depth=8)[3].model_kwargs["depth"] == 8
 
 
-def test_quick_matrix_shows_vanishing_and_its_fix(tmp_path: Path) -> None:
+def test_legacy_expectation_names_are_read_as_outcomes() -> None:
+    assert Experiment("x", expected="healthy").expected == "learns"
+    assert Experiment("x", expected="vanishing").expected == "vanishes"
+    assert Experiment("x", expected="exploding").expected == "diverges"
+
+
+def test_old_import_paths_still_work() -> None:
+    import grad_guard.data
+    import grad_guard.demo.data
+    import grad_guard.demo.runner
+
+    assert grad_guard.data.digits_loader is grad_guard.demo.data.digits_loader
+    assert run_experiment is grad_guard.demo.runner.run_experiment
+
+
+def test_short_runs_show_vanishing_and_its_fix(tmp_path: Path) -> None:
     exps = {e.name: e for e in default_experiments(steps=40)}
     sigmoid = _run(exps["sigmoid-default"], tmp_path)
     residual = _run(exps["residual-bn"], tmp_path)
@@ -218,12 +242,11 @@ def test_quick_matrix_shows_vanishing_and_its_fix(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_late_explosion_and_clipping_fix(tmp_path: Path) -> None:
+def test_high_lr_diverges_and_norm_clipping_rescues_it(tmp_path: Path) -> None:
     exps = {e.name: e for e in default_experiments()}
-    exploding = _run(exps["relu-he-d12"], tmp_path)
-    clipped = _run(exps["relu-he-d12-clip-norm"], tmp_path)
-    assert exploding.diverged_at is not None and exploding.diverged_at > 50
-    assert exploding.max_grad_norm > 1e4
+    exploding = _run(exps["relu-he-lr0.1"], tmp_path)
+    clipped = _run(exps["relu-he-lr0.1-clip-norm"], tmp_path)  # Lightning's clipping
+    assert exploding.diverged_at is not None and exploding.max_grad_norm > 1e4
     assert clipped.diverged_at is None and clipped.train_accuracy > 0.9
 
 
@@ -248,6 +271,7 @@ def test_late_explosion_and_clipping_fix(tmp_path: Path) -> None:
         ({"clip_algorithm": "value", "clip_kwargs": {"clip_value": -1}}, "clip_kwargs"),
         ({"clip_kwargs": None}, "clip_kwargs"),
         ({"expected": "divergent"}, "expected"),
+        ({"expected": "learned"}, "expected"),
         ({"dataset": "mnist"}, "dataset"),
         ({"flatten": "yes"}, "flatten"),
     ],
@@ -275,7 +299,7 @@ def test_run_experiment_rejects_invalid_arguments(
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [({"depth": 1}, "depth"), ({"steps": 0}, "steps"), ({"clip_depth": True}, "clip_depth")],
+    [({"depth": 1}, "depth"), ({"steps": 0}, "steps"), ({"relu_depth": True}, "relu_depth")],
 )
 def test_default_experiments_rejects_invalid_arguments(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=f"`{argument}`"):
