@@ -375,3 +375,21 @@ def test_state_survives_a_checkpoint(tmp_path):
 def test_bad_arguments_fail_at_construction_naming_the_argument(argument, value):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         ActivationMonitor(**{argument: value})
+
+
+@pytest.mark.slow
+def test_a_compiled_model_makes_the_monitor_warn_that_its_hooks_did_not_run(tmp_path):
+    import torch._dynamo
+
+    module = DeadReluModule()
+    module.net = torch.compile(module.net, backend="eager")
+    monitor = ActivationMonitor(log_every_n_steps=2, image_every_n_steps=None)
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(UserWarning, match="hooks did not run"):
+            trainer(tmp_path, max_steps=3, callbacks=[monitor]).fit(module, loader())
+    finally:
+        torch._dynamo.reset()
+    # step 0 compiled the graph with the hooks in it; step 1 recompiled it without them
+    # (dynamo guards on hooks it traced); step 2's new hooks never run
+    assert monitor.history.steps == [0] and hooks_on(module) == 0

@@ -186,9 +186,9 @@ def test_checkpoint_recompute_in_backward_is_not_traced(reentrant):
 
 def test_wrapper_components_are_left_out_of_names():
     model = nn.Module()
-    model._orig_mod = nn.Sequential(nn.Linear(2, 2))
+    model._checkpoint_wrapped_module = nn.Sequential(nn.Linear(2, 2))
     with torch.no_grad():
-        model._orig_mod[0].bias.fill_(float("nan"))
+        model._checkpoint_wrapped_module[0].bias.fill_(float("nan"))
     assert ForwardOriginTracer(model).parameter_origin() == "parameter 0.bias"
 
 

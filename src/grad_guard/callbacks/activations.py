@@ -44,10 +44,11 @@ class ActivationMonitor(Callback):
     Distributed: statistics are rank-local. Only global rank zero arms hooks and logs,
     so the numbers describe rank zero's micro-batch (no collective is added).
 
-    ``torch.compile``: hooks on modules inside an already compiled graph do not run
-    under dynamo's default ``skip_nnmodule_hook_guards=True``; the callback then warns
-    once. Set ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` to measure a
-    compiled model (one extra compilation for the hooked variant).
+    ``torch.compile``: under dynamo's default ``skip_nnmodule_hook_guards=True``, hooks
+    added to an already compiled graph do not run (the first logging step may be
+    measured, later ones are not); the callback then warns once. Set
+    ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` to measure a compiled
+    model (dynamo compiles the hooked variant once more and caches both).
 
     Args:
         log_every_n_steps: measure every N optimizer steps (step 0 included); ``None``

@@ -36,11 +36,13 @@ Activation checkpointing: ``torch.utils.checkpoint`` recomputes the forward insi
 the hooks again. Calls made while the autograd engine runs a backward pass are
 skipped, so nothing is counted twice.
 
-``torch.compile``: with the default ``torch._dynamo.config.skip_nnmodule_hook_guards =
-True``, hooks added to modules of an already-compiled graph do not run (dynamo does not
-guard on them); :meth:`ActivationHooks.read` then returns nothing and the callback warns.
-Setting it to ``False`` makes dynamo recompile once for the hooked variant (cached
-after that).
+``torch.compile`` (dynamo, any backend): under the default
+``torch._dynamo.config.skip_nnmodule_hook_guards = True`` dynamo does not guard on hooks
+it has not traced. Hooks present at the first compilation are traced into the graph, and
+removing them triggers one recompilation without them; hooks added to an already
+compiled graph never run, so :meth:`ActivationHooks.read` returns nothing (the callback
+warns). Set it to ``False`` to measure a compiled model: dynamo then compiles the hooked
+and the unhooked variant once each and switches between them.
 """
 
 from __future__ import annotations

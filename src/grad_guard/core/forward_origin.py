@@ -27,8 +27,8 @@ named is the one nearest the loss. :class:`ForwardOriginTracer` names the cause:
    untouched) for callers that still hold the batch and want an answer at once; dropout
    masks differ from the original pass.
 
-Module names drop wrapper components (``_fsdp_wrapped_module``,
-``_checkpoint_wrapped_module``, ``_orig_mod``) so they match the layer names. Calls
+Module names drop the wrapper components that layer names drop
+(``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``), so they match. Calls
 made during ``backward()`` (activation checkpointing recompute) are ignored. Hooks on
 modules inside an already compiled ``torch.compile`` graph do not run (see
 :mod:`grad_guard.core.activations`), so there the origin stays ``None``.
@@ -43,16 +43,14 @@ import torch
 from torch import Tensor, nn
 
 from grad_guard.core.activations import in_backward
-from grad_guard.core.layers import ROOT_LAYER_NAME
+from grad_guard.core.layers import _WRAPPER_COMPONENTS, ROOT_LAYER_NAME
 
 INPUT_ORIGIN = "input"
 """Origin reported when the model's input already held the non-finite values."""
 
-_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-
-
 def _display_name(path: str) -> str:
-    name = ".".join(part for part in path.split(".") if part not in _WRAPPERS)
+    # the same names as grad_guard.core.layers gives the layers
+    name = ".".join(part for part in path.split(".") if part not in _WRAPPER_COMPONENTS)
     return name or ROOT_LAYER_NAME
 
 
