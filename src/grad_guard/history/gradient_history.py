@@ -20,8 +20,10 @@ COUNTER_NAMES: tuple[str, ...] = (
     "nonfinite",
     "exploding",
     "vanishing",
+    "loss_spike",
     "amp_overflow",
     "skipped_steps",
+    "rollbacks",
 )
 """Counters the report totals (the names detection uses in its ``counts``)."""
 

@@ -48,6 +48,8 @@ def totals_text(report: Report) -> str:
         f"skipped steps {t.get('skipped_steps', 0)} | clipped {clipped} | "
         f"AMP overflows {t.get('amp_overflow', 0)} | non-finite {t.get('nonfinite', 0)} | "
         f"exploding {t.get('exploding', 0)} | vanishing {t.get('vanishing', 0)}"
+        + (f" | loss spikes {t['loss_spike']}" if t.get("loss_spike") else "")
+        + (f" | rollbacks {t['rollbacks']}" if t.get("rollbacks") else "")
     )
 
 

@@ -44,8 +44,10 @@ _COUNTER_ALIASES: dict[str, str] = {
     "vanishing_count": "vanishing",
     "amp_overflow": "amp_overflow",
     "amp_overflows": "amp_overflow",
+    "loss_spike": "loss_spike",
     "skipped": "skipped_steps",
     "skipped_steps": "skipped_steps",
+    "rollbacks": "rollbacks",
 }
 
 
