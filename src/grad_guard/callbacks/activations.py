@@ -122,9 +122,9 @@ class ActivationMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            granularity=self.granularity, include=self.include, exclude=self.exclude
-        )
+        # the class name, as for the other callbacks: a resume with changed options
+        # keeps the history (layer names that no longer appear are simply not extended)
+        return self._generate_state_key()
 
     @property
     def hook_count(self) -> int:
