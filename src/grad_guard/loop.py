@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from grad_guard._validation import check_bool, check_int
+from grad_guard._validation import check_bool, check_instance, check_int
 from grad_guard.core.clip import ClipAlgorithm, ClipShortcut, resolve_algorithm
 from grad_guard.core.detect import DetectionConfig
 from grad_guard.core.engine import StepEngine, StepOutcome, StepRequest
@@ -37,6 +38,7 @@ from grad_guard.core.layers import (
 )
 from grad_guard.core.parts import ClippingPart, MonitorPart
 from grad_guard.core.policy import AnomalyPolicy
+from grad_guard.core.rollback import RecoveryTargets, RollbackConfig
 from grad_guard.core.stats import GradientStats, validate_norm_type
 from grad_guard.loggers import custom_scalars_layout, layout_for_parts, write_scalars
 
@@ -61,6 +63,8 @@ class GuardStep:
         events: the anomalies reported by this call.
         stats: the statistics pass of the raw (pre-clip) gradients.
         folded: clipping and skipping were folded into the fused optimizer's kernel.
+        restored_step: when the step rolled the model and optimizer back to the last
+            healthy snapshot, that snapshot's step; else ``None``.
     """
 
     step: int
@@ -72,6 +76,7 @@ class GuardStep:
     events: list[AnomalyEvent] = field(default_factory=list)
     stats: GradientStats | None = field(default=None, repr=False)
     folded: bool = False
+    restored_step: int | None = None
 
 
 class GradientGuard:
@@ -131,8 +136,8 @@ class GradientGuard:
         on_nonfinite: ``"skip"`` (default), ``"warn"``, ``"stop"`` or ``"raise"``.
         on_exploding: ``"warn"`` (default), ``"skip"``, ``"stop"`` or ``"raise"``.
         on_vanishing: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
-        on_loss_spike: ``"warn"`` (default), ``"skip"``, ``"stop"`` or ``"raise"``; judged
-            when :meth:`step` is given the ``loss``.
+        on_loss_spike: ``"warn"`` (default), ``"skip"``, ``"rollback"``, ``"stop"`` or
+            ``"raise"``; judged when :meth:`step` is given the ``loss``.
         max_consecutive_skips: after this many skipped steps in a row ``should_stop``
             becomes ``True``.
         norm_type: p of the per-layer norms; ``None`` (default) takes the clipper's
@@ -146,6 +151,9 @@ class GradientGuard:
             steps).
         fold_into_optimizer: fold clipping and skipping into a fused optimizer's kernel
             (default ``True``); ``False`` multiplies the gradients in place.
+        rollback: snapshots and limits of the ``"rollback"`` action (a
+            :class:`~grad_guard.core.rollback.RollbackConfig`); a rollback restores the
+            ``model`` and ``optimizer`` given here, in place.
 
     Attributes:
         events: the reported :class:`~grad_guard.core.events.AnomalyEvent`\ s, oldest
@@ -200,6 +208,7 @@ class GradientGuard:
         log_param_norms: bool = True,
         log_update_ratio: bool = True,
         fold_into_optimizer: bool = True,
+        rollback: RollbackConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {model!r}")
@@ -242,6 +251,9 @@ class GradientGuard:
                 max_consecutive_skips,
                 granularity=granularity,
                 norm_type=self.norm_type,
+                rollback=check_instance(
+                    "rollback", rollback, RollbackConfig, "a RollbackConfig or None", allow_none=True
+                ),
             )
         else:  # the actions are still checked, for a clear error
             AnomalyPolicy(DetectionConfig(), on_nonfinite, on_exploding, on_vanishing, on_loss_spike)
@@ -270,13 +282,17 @@ class GradientGuard:
 
     # ------------------------------------------------------------------ public
 
-    def step(self, step: int | None = None, loss: Tensor | None = None) -> GuardStep:
+    def step(
+        self, step: int | None = None, loss: Tensor | None = None, batch_index: int | None = None
+    ) -> GuardStep:
         """Check, clip and log the current gradients; call before ``optimizer.step()``.
 
         Args:
             step: the step number for logging and events; default: the number of
                 previous calls.
             loss: the step's training loss, for the loss-spike rule (optional).
+            batch_index: the batch's index within its epoch: a batch that caused a
+                rollback is skipped (``should_step=False``) whenever it comes again.
 
         Returns:
             A :class:`GuardStep`: ``should_step``, ``should_stop``, pre/post-clip norms.
@@ -287,21 +303,21 @@ class GradientGuard:
         step = self.steps if step is None else int(step)
         self.steps += 1
         self._engine.after_step(0)  # the optimizer has stepped since the last call
-        outcome = self._engine.step(self._request(step, loss))
+        outcome = self._engine.step(self._request(step, loss, batch_index))
         self._emit(outcome)
-        stats = outcome.stats
-        assert stats is not None
-        clip = outcome.clip
+        stats, clip = outcome.stats, outcome.clip
+        total = stats.total_norm if stats is not None else torch.zeros(())
         return GuardStep(
             step=step,
             should_step=not outcome.skipped,
             should_stop=outcome.should_stop,
-            pre_clip_norm=stats.total_norm,
-            post_clip_norm=clip.post_norm if clip is not None else stats.total_norm,
+            pre_clip_norm=total,
+            post_clip_norm=clip.post_norm if clip is not None else total,
             clip_threshold=clip.threshold if clip is not None else None,
             events=outcome.decision.events,
             stats=stats,
             folded=outcome.folded,
+            restored_step=outcome.restored_step,
         )
 
     def flush(self) -> None:
@@ -333,7 +349,7 @@ class GradientGuard:
 
     # ------------------------------------------------------------------ internals
 
-    def _request(self, step: int, loss: Tensor | None) -> StepRequest:
+    def _request(self, step: int, loss: Tensor | None, batch_index: int | None) -> StepRequest:
         groups = self.optimizer.param_groups if self.optimizer is not None else None
         params = (
             optimizer_parameters(groups)
@@ -352,11 +368,23 @@ class GradientGuard:
             logging=step % self.log_every_n_steps == 0,
             optimizer=self.optimizer if self.fold_into_optimizer else None,
             loss=loss.detach() if isinstance(loss, Tensor) else None,
+            batch_index=batch_index,
+            targets=lambda: RecoveryTargets(
+                modules=[self.model],
+                optimizers=[self.optimizer] if self.optimizer is not None else [],
+            ),
         )
 
     def _emit(self, outcome: StepOutcome) -> None:
         """Warn, write and remember what the engine decided (after it acted)."""
         self.should_stop = self.should_stop or outcome.should_stop
+        if outcome.error is not None:
+            warnings.warn(
+                f"grad_guard: this step's checks failed and were skipped "
+                f"({type(outcome.error).__name__}: {outcome.error}); the gradients were left "
+                "as they are. Training continues.",
+                stacklevel=3,
+            )
         for message in outcome.decision.warnings:
             warnings.warn(message, GradientAnomalyWarning, stacklevel=3)
         if self.writer is None:

@@ -85,6 +85,10 @@ class GradGuardCallback(Callback):
         _warn_if_few_logged_steps(trainer, self._session)
         _write_run_config(trainer, self._session)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._driving() and self._session is not None:
+            self._session.batch_start(batch_idx)
+
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._driving() and self._session is not None:
             self._session.before_backward(loss)

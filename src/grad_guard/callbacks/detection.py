@@ -16,6 +16,7 @@ from grad_guard.core.events import (
 )
 from grad_guard.core.layers import Granularity
 from grad_guard.core.policy import AnomalyPolicy
+from grad_guard.core.rollback import RollbackConfig
 from grad_guard.core.stats import NormType
 from grad_guard.loggers import anomaly_charts, warn_rank_zero
 
@@ -58,6 +59,13 @@ class GradientAnomalyDetection(GradGuardCallback):
       host sync. Lightning has no real skip, so ``global_step`` and step-interval LR
       schedulers still advance; skipped steps are counted. After
       ``max_consecutive_skips`` skips in a row the run stops cleanly.
+    - ``"rollback"``: restore the last healthy snapshot (weights and buffers, optimizer
+      and LR scheduler state, grad_guard's statistics; taken every
+      ``snapshot_every_n_steps`` healthy steps, in host memory), drop the step, and skip
+      the batch that caused it whenever it comes again (its index within the epoch is
+      kept in the checkpoint). Counted in ``counts["rollbacks"]``; after
+      ``max_rollbacks`` the run stops. A parameter that is itself non-finite is rolled
+      back at once (skipping cannot repair it; without rollback the run stops, naming it).
     - ``"stop"``: ``trainer.should_stop = True``; the run ends after this step, with
       checkpoints as usual.
     - ``"raise"``: :class:`~grad_guard.core.events.GradientAnomalyError`, carrying the
@@ -116,6 +124,13 @@ class GradientAnomalyDetection(GradGuardCallback):
         loss_z_threshold: z-score of a loss spike (``None``: only a non-finite loss).
         loss_window: finite losses the loss statistics remember.
         loss_warmup_steps: finite losses before the loss rule arms.
+        snapshot_every_n_steps: with a ``"rollback"`` action: steps between snapshots of
+            the healthy state (weights, optimizer and scheduler state, grad_guard's
+            statistics), kept in host memory.
+        max_rollbacks: stop the run cleanly after this many rollbacks.
+        lr_factor: after a rollback, multiply the learning rate by this for
+            ``cooldown_steps`` steps (``1.0``: no cool-down).
+        cooldown_steps: how long the cool-down lasts.
 
     Raises:
         ValueError: if an argument is invalid; the message names it.
@@ -159,6 +174,10 @@ class GradientAnomalyDetection(GradGuardCallback):
         loss_z_threshold: float | None = 6.0,
         loss_window: int = 128,
         loss_warmup_steps: int = 32,
+        snapshot_every_n_steps: int = 100,
+        max_rollbacks: int = 5,
+        lr_factor: float = 1.0,
+        cooldown_steps: int = 0,
     ) -> None:
         super().__init__(log_every_n_steps)
         self.config = DetectionConfig(
@@ -183,6 +202,12 @@ class GradientAnomalyDetection(GradGuardCallback):
             max_events,
             granularity,
             norm_type,
+            RollbackConfig(
+                snapshot_every_n_steps=snapshot_every_n_steps,
+                max_rollbacks=max_rollbacks,
+                lr_factor=lr_factor,
+                cooldown_steps=cooldown_steps,
+            ),
         )
         self.on_nonfinite = on_nonfinite
         self.on_exploding = on_exploding

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from torch.optim import Optimizer
 
-from grad_guard._validation import check_bool, check_int
+from grad_guard._validation import check_bool, check_int, check_optional_path
 from grad_guard.callbacks.base import GradGuardCallback
 from grad_guard.callbacks.clipping import GradientClipping
 from grad_guard.callbacks.detection import GradientAnomalyDetection
@@ -68,7 +67,7 @@ class GradGuard(GradGuardCallback):
         self,
         monitor: GradientNormMonitor | bool = True,
         detection: GradientAnomalyDetection | bool = True,
-        clipping: GradientClipping | ClipAlgorithm | ClipShortcut | None = "zscore",
+        clipping: GradientClipping | ClipAlgorithm | ClipShortcut | bool | None = "zscore",
         log_every_n_steps: int | None = None,
         report: bool = True,
         report_dir: str | None = None,
@@ -78,8 +77,10 @@ class GradGuard(GradGuardCallback):
         interval = {"log_every_n_steps": log_every_n_steps}
         self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
         self.detection = _part("detection", detection, GradientAnomalyDetection, interval)
-        if clipping is None or isinstance(clipping, GradientClipping):
-            self.clipping = clipping
+        if clipping is True:
+            clipping = "zscore"
+        if clipping is None or clipping is False or isinstance(clipping, GradientClipping):
+            self.clipping = clipping or None
         elif isinstance(clipping, (ClipAlgorithm, str)):
             algorithm = resolve_algorithm(clipping, "clipping")
             self.clipping = GradientClipping(algorithm, log_every_n_steps=log_every_n_steps)
@@ -88,8 +89,7 @@ class GradGuard(GradGuardCallback):
                 "`clipping` must be a ClipAlgorithm, one of its string shortcuts, a "
                 f"GradientClipping or None, got {clipping!r}"
             )
-        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
-            raise ValueError(f"`report_dir` must be a path (str or os.PathLike) or None, got {report_dir!r}")
+        report_dir = check_optional_path("report_dir", report_dir)
         super().__init__(log_every_n_steps)
         self.report = check_bool("report", report)
         self.report_dir = report_dir
@@ -123,6 +123,10 @@ class GradGuard(GradGuardCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         for part in self.parts:
             part.on_fit_start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        for part in self.parts:
+            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         for part in self.parts:

@@ -26,6 +26,7 @@ from grad_guard.core.engine import StepEngine, StepOutcome, StepRequest
 from grad_guard.core.events import GradientAnomalyError, GradientAnomalyWarning
 from grad_guard.core.fused import is_fused
 from grad_guard.core.layers import optimizer_layers, optimizer_parameters, parameters_signature
+from grad_guard.core.rollback import RecoveryTargets
 from grad_guard.loggers import (
     log_scalars,
     tensorboard_writers,
@@ -46,6 +47,7 @@ class GuardSession:
         self._done: dict[int, int] = {}  # id(optimizer) -> global_step already run
         self._stepped: set[int] = set()  # optimizer indices stepped this batch
         self._loss: Tensor | None = None
+        self._batch_index: int | None = None
         self._fold_allowed = True
         self._fused_said = False
         self.saved_detectors: dict[Any, Any] = {}  # restored from a checkpoint
@@ -106,6 +108,10 @@ class GuardSession:
                 "grad_guard reads them (gradient_clip_val or another on_before_optimizer_step)"
             )
             rank_zero_info(f"grad_guard: fused {', '.join(fused)}: clipping and skipping are {how}.")
+
+    def batch_start(self, batch_index: int) -> None:
+        """Remember which batch of the epoch this is (bad batches are skipped by index)."""
+        self._batch_index = int(batch_index)
 
     def before_backward(self, loss: Tensor) -> None:
         """Keep the loss of the step (summed over accumulated micro-batches)."""
@@ -189,12 +195,24 @@ class GuardSession:
             loss=self._loss,
             reduce=max_reducer(trainer),
             process_group=flat_shard_group(trainer),
+            batch_index=self._batch_index,
+            targets=lambda: RecoveryTargets(
+                modules=[pl_module],
+                optimizers=list(trainer.optimizers),
+                schedulers=[c.scheduler for c in getattr(trainer, "lr_scheduler_configs", [])],
+            ),
         )
 
     def emit(self, trainer: Any, outcome: StepOutcome) -> None:
         """Say, write and act on what the engine decided (its actions are applied)."""
         if outcome.should_stop:
             trainer.should_stop = True
+        if outcome.error is not None:
+            err = outcome.error
+            warn_rank_zero(
+                f"grad_guard: this step's checks failed and were skipped ({type(err).__name__}: "
+                f"{err}); the gradients were left as they are. Training continues."
+            )
         for message in outcome.decision.warnings:
             rank_zero_warn(message, category=GradientAnomalyWarning)
         try:

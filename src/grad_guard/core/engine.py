@@ -22,114 +22,24 @@ The engine never imports Lightning; front ends only translate its outcome.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grad_guard.core.clip import ClipResult
 from grad_guard.core.detect import GradientAnomalyDetector, judged_for_vanishing
-from grad_guard.core.events import KINDS, AnomalyEvent, GradientAnomalyError
+from grad_guard.core.events import GradientAnomalyError
 from grad_guard.core.fused import FusedFold, is_fused
-from grad_guard.core.layers import Granularity, Layer
-from grad_guard.core.metrics import step_metrics, update_ratio_metrics
+from grad_guard.core.layers import Granularity
 from grad_guard.core.packet import HostPacket
 from grad_guard.core.parts import ClippingPart, MonitorPart
-from grad_guard.core.policy import AnomalyPolicy, Decision
+from grad_guard.core.policy import AnomalyPolicy
 from grad_guard.core.stats import GradientStats, GradientStatsComputer
-from grad_guard.core.update_ratio import UpdateNorms, UpdateSnapshot
+from grad_guard.core.step import StepOutcome, StepRequest
+from grad_guard.core.track import OptimizerTrack, PassKey, read_step, report_step, report_update
 
-PassKey = tuple[Granularity, float]
-
-
-@dataclass
-class StepRequest:
-    """What a front end tells the engine about one optimizer step.
-
-    Attributes:
-        key: identifies the optimizer (its index in a Trainer, say).
-        label: ``""`` for a single optimizer, else ``"optimizer_<i>"`` (tag level).
-        layers: builds the layers for a granularity (called when they change).
-        signature: changes when the optimizer's trainable parameters change.
-        params: every parameter the optimizer steps (a skip sets their grads to None).
-        step: the step number of events (``global_step``).
-        log_step: the step number of logged scalars.
-        logging: whether this is a logging step.
-        optimizer: the optimizer, when it may fold clipping and skipping (fused).
-        fold_allowed: ``False`` when something after grad_guard must see clipped grads.
-        first: whether this is the first optimizer (it uses the algorithm given).
-        amp_overflow: scalar bool tensor, the GradScaler will skip this step itself.
-        grad_scale: the GradScaler scale the gradients are still multiplied by.
-        loss: the step's training loss (scalar tensor), for the loss rule.
-        reduce: element-wise MAX over ranks, for the detection flags (``None``: one process).
-        process_group: FSDP1 flat-shard group for the statistics.
-        module: the model, for algorithms that need layer types (AGC).
-    """
-
-    key: Any
-    label: str
-    layers: Callable[[Granularity], list[Layer]]
-    signature: Any
-    params: list[Tensor]
-    step: int
-    log_step: int
-    logging: bool
-    optimizer: Any = None
-    fold_allowed: bool = True
-    first: bool = True
-    amp_overflow: Tensor | None = None
-    grad_scale: Tensor | None = None
-    loss: Tensor | None = None
-    reduce: Callable[[Tensor], Tensor] | None = None
-    process_group: Any = None
-    module: Any = None
-
-
-@dataclass
-class StepOutcome:
-    """What one step found and did; front ends translate it.
-
-    Attributes:
-        skipped: the gradients were not applied (``None``: not known on the host this
-            step, a fused optimizer dropped or applied them in its kernel).
-        should_stop: a ``"stop"`` action fired, or too many steps in a row were dropped.
-        rollback: the event asking for a rollback to the last healthy snapshot.
-        decision: events recorded and warnings due (after the actions were applied).
-        metrics: ``[(log_step, {tag: value})]`` to write, oldest first.
-        stats: the statistics pass of the raw gradients (the monitor's).
-        clip: the clipping result, ``None`` without clipping.
-        folded: clipping/skipping were folded into a fused optimizer's kernel.
-        logged: host values of a logging step ``{"names", "norms", "total", "params",
-            "has_grad"}`` for histories, ``None`` otherwise.
-    """
-
-    skipped: bool | None = False
-    should_stop: bool = False
-    rollback: AnomalyEvent | None = None
-    decision: Decision = field(default_factory=Decision)
-    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    stats: GradientStats | None = None
-    clip: ClipResult | None = None
-    folded: bool = False
-    logged: dict[str, Any] | None = None
-
-
-class _Track:
-    """What the engine keeps for one optimizer."""
-
-    def __init__(self, signature: Any) -> None:
-        self.signature = signature
-        self.computers: dict[PassKey, GradientStatsComputer] = {}
-        self.detector: GradientAnomalyDetector | None = None
-        self.drop_mask: Tensor | None = None
-        self.dropped: Tensor | None = None  # dropped steps since the last read (device)
-        self.streak: Tensor | None = None  # dropped steps in a row (device)
-        self.fold: FusedFold | None = None
-        self.snapshot: UpdateSnapshot | None = None
-        self.pending_update: UpdateNorms | None = None
-        self.clip_since: tuple[int, Tensor] | None = None  # clipper (steps, clipped) at last log
+__all__ = ["StepEngine", "StepOutcome", "StepRequest"]
 
 
 class StepEngine:
@@ -164,7 +74,7 @@ class StepEngine:
         self.monitor = monitor
         self.detection = detection
         self.clipping = clipping
-        self._tracks: dict[Any, _Track] = {}
+        self._tracks: dict[Any, OptimizerTrack] = {}
         self._saved_detectors: dict[Any, dict[str, Any]] = {}
         self.passes = 0  # statistics passes made (for tests)
 
@@ -177,8 +87,18 @@ class StepEngine:
             GradientAnomalyError: when an anomaly whose action is ``"raise"`` fired
                 (after the step's gradients were dropped).
         """
-        track = self._track(request)
         outcome = StepOutcome()
+        policy = self.detection
+        recovery = policy.recovery if policy is not None else None
+        if recovery is not None and request.batch_index in recovery.bad_batches:
+            # it caused a rollback before: drop it again, without asking the rules
+            for param in request.params:
+                param.grad = None
+            assert policy is not None
+            policy.counts["skipped_steps"] += 1
+            outcome.skipped = True
+            return outcome
+        track = self._track(request)
         with torch.no_grad():
             stats = {
                 key: computer(grad_scale=request.grad_scale)
@@ -189,40 +109,59 @@ class StepEngine:
         outcome.stats = primary
         fold = track.fold is not None and request.fold_allowed
 
-        drop_now = self._detect(track, request, stats)
+        drop_now = None
         clipper = None
-        if self.clipping is not None:
-            clipper = self.clipping.for_key(request.key, request.first)
-            clip_stats = stats[self._key(self.clipping)]
-            clipper.process_group = request.process_group
-            outcome.clip = clipper.clip_stats(clip_stats, apply=not fold)
-        if fold and track.fold is not None:
-            coefficient = outcome.clip.coefficient if outcome.clip is not None else None
-            track.fold.set(coefficient, drop_now)
-            outcome.folded = True
-        if drop_now is not None and track.dropped is not None and track.streak is not None:
-            track.dropped += drop_now
-            track.streak = torch.where(drop_now, track.streak + 1, 0)
+        try:
+            drop_now = self._detect(track, request, stats)
+            if self.clipping is not None:
+                clipper = self.clipping.for_key(request.key, request.first)
+                clipper.process_group = request.process_group
+                clip_stats = stats[self.pass_key(self.clipping)]
+                outcome.clip = clipper.clip_stats(clip_stats, apply=not fold)
+            if fold and track.fold is not None:
+                coefficient = outcome.clip.coefficient if outcome.clip is not None else None
+                track.fold.set(coefficient, drop_now)
+                outcome.folded = True
+            if drop_now is not None and track.dropped is not None and track.streak is not None:
+                track.dropped += drop_now
+                track.streak = torch.where(drop_now, track.streak + 1, 0)
+        except Exception as err:  # still join the read below: other ranks wait in it
+            outcome.error = err
+            outcome.clip = None
 
-        needs_now = self.detection is not None and self.detection.needs_host_decision(fold)
+        needs_now = policy is not None and policy.needs_host_decision(fold)
         if not (needs_now or request.logging):
             outcome.skipped = None if fold and drop_now is not None else False
+            self._cool_down(request)
             return outcome
-        values = self._read(track, request, primary, outcome.clip, clipper)
-        if track.detector is not None and self.detection is not None:
+        values = read_step(self, track, request, primary, outcome.clip, clipper)
+        if track.detector is not None and policy is not None and outcome.error is None:
             findings = track.detector.decode(values["detection"])
             track.detector.clear_pending()
             dropped, streak = (round(v) for v in values["drops"])
             if track.dropped is not None:
                 track.dropped.zero_()
-            outcome.decision = self.detection.decide(findings, request.label, dropped, streak)
+            outcome.decision = policy.decide(
+                findings,
+                request.label,
+                dropped,
+                streak,
+                nonfinite_parameter=lambda: _nonfinite_parameter(track, self.pass_key(policy)),
+            )
+            outcome.healthy = not (findings.any_now or findings.amp_now)
         self._act(track, request, outcome, fold)
-        if request.logging:
-            self._report(track, request, primary, outcome, values)
+        self._recover(request, outcome)
+        if request.logging and outcome.error is None:
+            report_step(self, track, request, primary, outcome, values)
+        if not outcome.skipped:  # a dropped step uses no learning rate
+            self._cool_down(request)
         return outcome
 
     def after_step(self, key: Any) -> None:
         """Call after ``optimizer.step()``: measures the update of a logging step."""
+        recovery = self.detection.recovery if self.detection is not None else None
+        if recovery is not None:
+            recovery.warm_up()
         track = self._tracks.get(key)
         if track is None or track.snapshot is None:
             return
@@ -255,33 +194,33 @@ class StepEngine:
             dropped, streak = (round(v) for v in values["drops"])
             track.dropped.zero_()  # type: ignore[union-attr]
             outcome.decision = self.detection.decide(findings, label, dropped, streak, act=False)
-        self._report_update(track, label, values, outcome)
+        report_update(self, track, label, values, outcome)
         return outcome
 
     # ------------------------------------------------------------------ internals
 
-    def _key(self, part: Any) -> PassKey:
+    def pass_key(self, part: Any) -> PassKey:
         return (part.granularity, float(part.norm_type))
 
     def _primary_key(self) -> PassKey:
         """The pass that is logged and judged: the monitor's, else detection's, else the clipper's."""
         part = self.monitor or self.detection or self.clipping or _DEFAULT
-        return self._key(part)
+        return self.pass_key(part)
 
-    def _track(self, request: StepRequest) -> _Track:
+    def _track(self, request: StepRequest) -> OptimizerTrack:
         track = self._tracks.get(request.key)
         if track is not None and track.signature == request.signature:
             return track
-        old, track = track, _Track(request.signature)
+        old, track = track, OptimizerTrack(request.signature)
         parts = [p for p in (self.monitor, self.detection, self.clipping) if p is not None]
         for part in parts or [_DEFAULT]:
-            key = self._key(part)
+            key = self.pass_key(part)
             if key not in track.computers:
                 track.computers[key] = GradientStatsComputer(
                     request.layers(key[0]), key[1], process_group=request.process_group
                 )
         if self.detection is not None:
-            computer = track.computers[self._key(self.detection)]
+            computer = track.computers[self.pass_key(self.detection)]
             track.detector = GradientAnomalyDetector(
                 computer.layer_names, self.detection.config, judged_for_vanishing(computer.layers)
             )
@@ -300,13 +239,13 @@ class StepEngine:
         return track
 
     def _detect(
-        self, track: _Track, request: StepRequest, stats: dict[PassKey, GradientStats]
+        self, track: OptimizerTrack, request: StepRequest, stats: dict[PassKey, GradientStats]
     ) -> Tensor | None:
         """Update the rules; return the device flag "drop this step" (``None``: no rule drops)."""
         detector, policy = track.detector, self.detection
         if detector is None or policy is None:
             return None
-        det_stats = stats[self._key(self.detection)]
+        det_stats = stats[self.pass_key(self.detection)]
         amp = request.amp_overflow
         if amp is None and request.grad_scale is not None:
             amp = det_stats.any_nonfinite  # still scaled: an overflow is the scaler's to skip
@@ -322,52 +261,7 @@ class StepEngine:
             return None
         return (detector.now & track.drop_mask).any()
 
-    def _read(
-        self,
-        track: _Track,
-        request: StepRequest,
-        stats: GradientStats,
-        clip: ClipResult | None,
-        clipper: Any,
-    ) -> dict[str, list[float]]:
-        packet = HostPacket()
-        reduce = {}
-        if track.detector is not None:
-            packet.add("detection", track.detector.pack())
-            if track.dropped is not None and track.streak is not None:
-                packet.add("drops", torch.stack([track.dropped, track.streak]))
-            else:
-                packet.add("drops", torch.zeros(2))
-            if request.reduce is not None:
-                reduce = {"detection": request.reduce, "drops": request.reduce}
-        if request.logging:
-            packet.add("norms", stats.layer_norms)
-            packet.add("total", stats.total_norm)
-            if self.monitor is not None and (
-                self.monitor.log_param_norms or self.monitor.log_update_ratio
-            ):
-                computer = track.computers[self._key(self.monitor)]
-                param_norms = computer.parameter_norms()
-                packet.add("params", param_norms)
-                if self.monitor.log_update_ratio:
-                    track.snapshot = UpdateSnapshot(computer, request.log_step, param_norms)
-            if clip is not None and clipper is not None:
-                last_steps, last_clipped = track.clip_since or (0, clipper.clipped_steps * 0)
-                since = clipper.clipped_steps - last_clipped.to(clipper.clipped_steps.device)
-                device = clip.pre_norm.device
-                packet.add(
-                    "clip",
-                    torch.stack(
-                        [clip.pre_norm, clip.post_norm, clip.threshold.to(device), since.to(device)]
-                    ).float(),
-                )
-                packet.add("clip_steps", torch.tensor([float(clipper.steps - last_steps)]))
-                track.clip_since = (clipper.steps, clipper.clipped_steps)
-            if track.pending_update is not None:
-                packet.add("update", track.pending_update.norms)
-        return packet.read(reduce)
-
-    def _act(self, track: _Track, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
+    def _act(self, track: OptimizerTrack, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
         actions = outcome.decision.actions
         dropping = "skip" in actions or "rollback" in actions
         if dropping and not fold:
@@ -379,53 +273,58 @@ class StepEngine:
         if "raise" in actions:
             raise GradientAnomalyError(actions["raise"])
 
-    def _report(
-        self,
-        track: _Track,
-        request: StepRequest,
-        stats: GradientStats,
-        outcome: StepOutcome,
-        values: dict[str, list[float]],
-    ) -> None:
-        self._report_update(track, request.label, values, outcome)
-        names = stats.layer_names
-        wanted = [
-            present and (self.monitor is None or self.monitor.wanted(name))
-            for name, present in zip(names, stats.has_grad)
-        ]
-        counts = self.detection.counts if self.detection is not None else None
-        metrics = step_metrics(
-            names,
-            wanted,
-            values,
-            label=request.label,
-            monitor=self.monitor is not None,
-            param_norms=self.monitor is not None and self.monitor.log_param_norms,
-            counts=counts,
-        )
-        outcome.metrics.append((request.log_step, metrics))
-        outcome.logged = {
-            "step": request.log_step,
-            "label": request.label,
-            "names": names,
-            "wanted": wanted,
-            "norms": values["norms"],
-            "total": values["total"][0],
-            "params": values.get("params"),
-            "has_grad": stats.has_grad,
-        }
-
-    def _report_update(
-        self, track: _Track, label: str, values: dict[str, list[float]], outcome: StepOutcome
-    ) -> None:
-        pending, track.pending_update = track.pending_update, None
-        if pending is None or "update" not in values or self.monitor is None:
+    def _recover(self, request: StepRequest, outcome: StepOutcome) -> None:
+        """Roll back on request; otherwise let a healthy step refresh the snapshot."""
+        policy = self.detection
+        recovery = policy.recovery if policy is not None else None
+        if recovery is None or policy is None or request.targets is None:
             return
-        computer = track.computers[self._key(self.monitor)]
-        names = computer.layer_names
-        ratios = pending.ratios(values["update"])
-        wanted = [self.monitor.wanted(name) for name in names]
-        outcome.metrics.insert(0, (pending.step, update_ratio_metrics(names, wanted, ratios, label)))
+        if outcome.rollback is None and outcome.healthy is None:
+            return
+        targets = dataclasses.replace(
+            request.targets(), extra_state=self._own_state, load_extra_state=self._load_own_state
+        )
+        if outcome.rollback is None:
+            recovery.observe(request.step, bool(outcome.healthy), targets)
+            return
+        restored = recovery.roll_back(targets, request.batch_index)
+        if restored is None:
+            outcome.decision.warnings.append(
+                f"grad_guard: step {request.step} asked for a rollback, but no healthy snapshot "
+                f"exists yet (one is taken after {recovery.config.min_healthy_steps} healthy "
+                "steps); the step was skipped instead."
+            )
+        else:
+            policy.counts["rollbacks"] += 1
+            outcome.restored_step = restored
+            outcome.rollback = policy.annotate(
+                outcome.decision, outcome.rollback, restored_step=restored
+            )
+        if recovery.exhausted:
+            outcome.should_stop = True
+            message = (
+                f"grad_guard: {recovery.rollbacks} rollbacks (max_rollbacks="
+                f"{recovery.config.max_rollbacks}); stopping training cleanly."
+            )
+            outcome.decision.stop_reason = message
+            outcome.decision.warnings.append(message)
+
+    def _cool_down(self, request: StepRequest) -> None:
+        recovery = self.detection.recovery if self.detection is not None else None
+        if recovery is not None and request.optimizer is not None:
+            recovery.cool_down([request.optimizer])
+
+    def _own_state(self) -> dict[str, Any]:
+        """grad_guard's statistics that a rollback restores with the weights."""
+        state: dict[str, Any] = {"detectors": self.detector_states()}
+        if self.clipping is not None:
+            state["clipping"] = self.clipping.state_dict()
+        return state
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        self.load_detector_states(state.get("detectors", {}))
+        if self.clipping is not None and "clipping" in state:
+            self.clipping.load_state_dict(state["clipping"])
 
     # ------------------------------------------------------------------ state
 
@@ -458,4 +357,21 @@ class _Default:
 
 
 _DEFAULT = _Default()
-KIND_NAMES = KINDS
+
+
+def _nonfinite_parameter(track: OptimizerTrack, key: PassKey) -> str | None:
+    """The first parameter (forward order) whose values are themselves NaN/Inf, if any.
+
+    Called only on a non-finite step: one more pass over the weights and one host read.
+    """
+    computer = track.computers[key]
+    names = [n for layer in computer.layers for n in layer.param_names]
+    params = [p.detach() for layer in computer.layers for p in layer.params]
+    if not params:
+        return None
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()
+    for name, ok in zip(names, finite):
+        if not ok:
+            return name
+    return None

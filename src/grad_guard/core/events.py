@@ -121,7 +121,9 @@ class AnomalyEvent:
                 text += f" ({_RULES.get(self.rule, self.rule)})"
         else:
             text = f"{self.kind} {when}"
-        if self.forward_origin is not None:
+        if self.forward_origin is not None and self.forward_origin.startswith("parameter "):
+            text += f"; parameter `{self.forward_origin[len('parameter '):]}` is non-finite"
+        elif self.forward_origin is not None:
             text += f"; born in the forward pass at {self.forward_origin!r}"
         if self.restored_step is not None:
             text += f"; rolled back to the snapshot of step {self.restored_step}"

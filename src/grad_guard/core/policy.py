@@ -7,7 +7,8 @@ decide alike. It never touches tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from grad_guard.core.events import (
     AnomalyEvent,
 )
 from grad_guard.core.layers import Granularity, validate_granularity
+from grad_guard.core.rollback import Recovery, RollbackConfig
 from grad_guard.core.stats import validate_norm_type
 
 COUNTERS = (*KINDS, "amp_overflow", "skipped_steps", "rollbacks")
@@ -64,6 +66,9 @@ class AnomalyPolicy:
         max_events: keep at most this many events (the counters keep counting).
         granularity: the layers the rules judge.
         norm_type: p of the judged norms.
+        rollback: how ``"rollback"`` snapshots and recovers (default
+            :class:`~grad_guard.core.rollback.RollbackConfig()`); used only when an
+            action is ``"rollback"``.
 
     Attributes:
         counts: steps per anomaly kind, plus ``amp_overflow``, ``skipped_steps`` and
@@ -92,6 +97,7 @@ class AnomalyPolicy:
         max_events: int = 1000,
         granularity: Granularity = "module",
         norm_type: float | str = 2.0,
+        rollback: RollbackConfig | None = None,
     ) -> None:
         self.config = config
         self.granularity = validate_granularity(granularity)
@@ -119,6 +125,9 @@ class AnomalyPolicy:
         self.dropping = tuple(
             enabled[kind] and self.actions[kind] in DROPPING_ACTIONS for kind in KINDS
         )
+        rolls_back = any(a == "rollback" for a in self.actions.values())
+        #: snapshots and rollbacks, when an action is ``"rollback"``
+        self.recovery = Recovery(rollback or RollbackConfig()) if rolls_back else None
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.events: list[AnomalyEvent] = []
         self.events_dropped = 0
@@ -141,7 +150,13 @@ class AnomalyPolicy:
         return False
 
     def decide(
-        self, findings: Findings, label: str, dropped: int, streak: int, act: bool = True
+        self,
+        findings: Findings,
+        label: str,
+        dropped: int,
+        streak: int,
+        act: bool = True,
+        nonfinite_parameter: Callable[[], str | None] | None = None,
     ) -> Decision:
         """Count, record and rate-limit; return the actions due for the latest step.
 
@@ -151,6 +166,9 @@ class AnomalyPolicy:
             dropped: steps dropped since the last read (skips and rollbacks).
             streak: dropped steps in a row, the latest included.
             act: ``False`` for a final read (end of training) that only records.
+            nonfinite_parameter: on a non-finite step, names the first parameter that
+                is itself non-finite (``None`` if none is); such a step is rolled back at
+                once (skipping cannot repair it), or stops the run without rollback.
         """
         decision = Decision()
         self.counts["amp_overflow"] += findings.amp_overflows
@@ -158,6 +176,17 @@ class AnomalyPolicy:
             action = self.actions[found.kind]
             self.counts[found.kind] += found.count
             event, warn = self._warned.admit(found, action)
+            poisoned = None
+            if found.kind == "nonfinite" and found.now and act and nonfinite_parameter:
+                poisoned = nonfinite_parameter()
+                if poisoned is not None:
+                    action = "rollback" if self.recovery is not None else "stop"
+                    event = dataclasses.replace(
+                        event or found.event(action),  # type: ignore[arg-type]
+                        forward_origin=f"parameter {poisoned}",
+                        action=action,
+                    )
+                    warn = True
             if event is not None:
                 decision.events.append(event)
                 if len(self.events) < self.max_events:
@@ -174,9 +203,18 @@ class AnomalyPolicy:
                 chosen = event or found.event(action)
                 if chosen is not None:
                     decision.actions.setdefault(action, chosen)
+            if poisoned is not None and self.recovery is None and event is not None:
+                decision.stop_reason = (
+                    f"grad_guard: parameter `{poisoned}` is non-finite; skipping steps cannot "
+                    "repair the weights, so the run stops. Use on_nonfinite='rollback' to "
+                    "restore the last healthy snapshot instead."
+                )
+                decision.warnings.append(decision.stop_reason)
         self.counts["skipped_steps"] += dropped
         self._streaks[label] = streak
-        if "stop" in decision.actions:
+        if decision.stop_reason is not None:
+            pass
+        elif "stop" in decision.actions:
             decision.stop_reason = decision.actions["stop"].message()
         elif streak >= self.max_consecutive_skips and act:
             last = next(iter(decision.actions.values()), None)
@@ -196,8 +234,21 @@ class AnomalyPolicy:
         else:
             self.events_dropped += 1
 
+    def annotate(self, decision: Decision, event: AnomalyEvent, **changes: Any) -> AnomalyEvent:
+        """Replace ``event`` (in :attr:`events` and ``decision``) by a copy with ``changes``."""
+        new = dataclasses.replace(event, **changes)
+        for events in (self.events, decision.events):
+            for i, known in enumerate(events):
+                if known is event:
+                    events[i] = new
+        for action, known in list(decision.actions.items()):
+            if known is event:
+                decision.actions[action] = new
+        return new
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "recovery": self.recovery.state_dict() if self.recovery is not None else None,
             "counts": dict(self.counts),
             "events": [event.to_dict() for event in self.events],
             "events_dropped": self.events_dropped,
@@ -212,6 +263,8 @@ class AnomalyPolicy:
         self.events_dropped = int(state.get("events_dropped", 0))
         self._streaks = {str(k): int(v) for k, v in state.get("consecutive_skips", {}).items()}
         self._warned.load_state_dict(state.get("warned", {}))
+        if self.recovery is not None and state.get("recovery"):
+            self.recovery.load_state_dict(state["recovery"])
 
     def streak(self, label: str) -> int:
         """Dropped steps in a row for ``label``, as of the last read."""

@@ -223,6 +223,12 @@ class AGC(ClipAlgorithm):
         self._warned_unbound = False
         self._cached_plan: tuple[Any, _Plan] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the model is re-bound at the next setup; a weak reference does not pickle
+        state = self.__dict__.copy()
+        state.update(_module=None, _layout={}, _cached_plan=None)
+        return state
+
     def bind(self, module: nn.Module) -> None:
         """Use ``module``'s layer types and head to split its parameters into units."""
         if self._module is None or self._module() is not module:

@@ -1,0 +1,138 @@
+"""What the engine keeps per optimizer, and the host copy and report of a step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grad_guard.core.clip import ClipResult
+from grad_guard.core.detect import GradientAnomalyDetector
+from grad_guard.core.fused import FusedFold
+from grad_guard.core.layers import Granularity
+from grad_guard.core.metrics import step_metrics, update_ratio_metrics
+from grad_guard.core.packet import HostPacket
+from grad_guard.core.stats import GradientStats, GradientStatsComputer
+from grad_guard.core.step import StepOutcome, StepRequest
+from grad_guard.core.update_ratio import UpdateNorms, UpdateSnapshot
+
+PassKey = tuple[Granularity, float]
+
+
+class OptimizerTrack:
+    """What the engine keeps for one optimizer."""
+
+    def __init__(self, signature: Any) -> None:
+        self.signature = signature
+        self.computers: dict[PassKey, GradientStatsComputer] = {}
+        self.detector: GradientAnomalyDetector | None = None
+        self.drop_mask: Tensor | None = None
+        self.dropped: Tensor | None = None  # dropped steps since the last read (device)
+        self.streak: Tensor | None = None  # dropped steps in a row (device)
+        self.fold: FusedFold | None = None
+        self.snapshot: UpdateSnapshot | None = None
+        self.pending_update: UpdateNorms | None = None
+        self.clip_since: tuple[int, Tensor] | None = None  # clipper (steps, clipped) at last log
+
+
+def read_step(
+    engine: Any,
+    track: OptimizerTrack,
+    request: StepRequest,
+    stats: GradientStats,
+    clip: ClipResult | None,
+    clipper: Any,
+) -> dict[str, list[float]]:
+    """One host copy of everything this step reports (flags always, figures when logging)."""
+    packet = HostPacket()
+    reduce = {}
+    if track.detector is not None:
+        packet.add("detection", track.detector.pack())
+        if track.dropped is not None and track.streak is not None:
+            packet.add("drops", torch.stack([track.dropped, track.streak]))
+        else:
+            packet.add("drops", torch.zeros(2))
+        if request.reduce is not None:
+            reduce = {"detection": request.reduce, "drops": request.reduce}
+    if request.logging:
+        packet.add("norms", stats.layer_norms)
+        packet.add("total", stats.total_norm)
+        if engine.monitor is not None and (
+            engine.monitor.log_param_norms or engine.monitor.log_update_ratio
+        ):
+            computer = track.computers[engine.pass_key(engine.monitor)]
+            param_norms = computer.parameter_norms()
+            packet.add("params", param_norms)
+            if engine.monitor.log_update_ratio:
+                track.snapshot = UpdateSnapshot(computer, request.log_step, param_norms)
+        if clip is not None and clipper is not None:
+            last_steps, last_clipped = track.clip_since or (0, clipper.clipped_steps * 0)
+            since = clipper.clipped_steps - last_clipped.to(clipper.clipped_steps.device)
+            device = clip.pre_norm.device
+            packet.add(
+                "clip",
+                torch.stack(
+                    [clip.pre_norm, clip.post_norm, clip.threshold.to(device), since.to(device)]
+                ).float(),
+            )
+            packet.add("clip_steps", torch.tensor([float(clipper.steps - last_steps)]))
+            track.clip_since = (clipper.steps, clipper.clipped_steps)
+        if track.pending_update is not None:
+            packet.add("update", track.pending_update.norms)
+    return packet.read(reduce)
+
+
+def report_step(
+    engine: Any,
+    track: OptimizerTrack,
+    request: StepRequest,
+    stats: GradientStats,
+    outcome: StepOutcome,
+    values: dict[str, list[float]],
+) -> None:
+    """The metrics and history values of a logging step, from its host copy."""
+    report_update(engine, track, request.label, values, outcome)
+    names = stats.layer_names
+    wanted = [
+        present and (engine.monitor is None or engine.monitor.wanted(name))
+        for name, present in zip(names, stats.has_grad)
+    ]
+    counts = engine.detection.counts if engine.detection is not None else None
+    metrics = step_metrics(
+        names,
+        wanted,
+        values,
+        label=request.label,
+        monitor=engine.monitor is not None,
+        param_norms=engine.monitor is not None and engine.monitor.log_param_norms,
+        counts=counts,
+    )
+    outcome.metrics.append((request.log_step, metrics))
+    outcome.logged = {
+        "step": request.log_step,
+        "label": request.label,
+        "names": names,
+        "wanted": wanted,
+        "norms": values["norms"],
+        "total": values["total"][0],
+        "params": values.get("params"),
+        "has_grad": stats.has_grad,
+    }
+
+def report_update(
+    engine: Any,
+    track: OptimizerTrack,
+    label: str,
+    values: dict[str, list[float]],
+    outcome: StepOutcome,
+) -> None:
+    """``update_ratio/<layer>`` of the last logging step, once its norms were copied."""
+    pending, track.pending_update = track.pending_update, None
+    if pending is None or "update" not in values or engine.monitor is None:
+        return
+    computer = track.computers[engine.pass_key(engine.monitor)]
+    names = computer.layer_names
+    ratios = pending.ratios(values["update"])
+    wanted = [engine.monitor.wanted(name) for name in names]
+    outcome.metrics.insert(0, (pending.step, update_ratio_metrics(names, wanted, ratios, label)))
