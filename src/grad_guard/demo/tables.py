@@ -39,7 +39,8 @@ GradGuard's detection or report raised; ``diagnosis``: report rules that fired."
 
 LEGEND = (
     "`outcome`: what each seed's run showed (`vanishes`: the first layers get no gradient "
-    "and nothing is learned; `learns`: accuracy >= 90%; `diverges`: the loss became NaN/Inf; "
+    "and nothing is learned; `learns`: accuracy >= 90%; `diverges`: the loss became NaN/Inf, "
+    "or the gradient norm grew 100-fold and the network died; "
     "`rescued`: a clipped run that learns). `accuracy`: mean over seeds on the whole digits "
     "set; `spread`: max - min over seeds, in points. `ratio@0`: first/last weight-layer "
     "gradient-norm ratio at step 0 (<< 1 is vanishing). `NaN at step`: first step with a "
