@@ -393,3 +393,21 @@ def test_a_compiled_model_makes_the_monitor_warn_that_its_hooks_did_not_run(tmp_
     # step 0 compiled the graph with the hooks in it; step 1 recompiled it without them
     # (dynamo guards on hooks it traced); step 2's new hooks never run
     assert monitor.history.steps == [0] and hooks_on(module) == 0
+
+
+def test_the_health_report_says_which_layers_units_are_dead_and_which_saturate(tmp_path):
+    from grad_guard import GradientNormMonitor
+    from grad_guard.report import build_report
+
+    module, gradients = DeadReluModule(), GradientNormMonitor(image_every_n_steps=None)
+    monitor = ActivationMonitor(image_every_n_steps=None)
+    trainer(tmp_path, max_steps=3, callbacks=[gradients, monitor]).fit(module, loader())
+    report = build_report(gradients.history, model=module, activations=monitor.history)
+    dead = [f for f in report.findings if f.rule == "dead_units"]
+    assert len(dead) == 1 and dead[0].layers == ["net.4"]
+    assert "net.4: 100 % of ReLU units dead" in report.render_text()
+    saturated = build_report(
+        gradients.history, activations={"net.2": measure(tanh_mlp(), torch.randn(64, 64))["4"]}
+    )
+    assert "net.2: tanh outputs" in saturated.render_text()
+    assert "use ReLU + He init" in saturated.render_text()
