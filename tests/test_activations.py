@@ -411,3 +411,19 @@ def test_the_health_report_says_which_layers_units_are_dead_and_which_saturate(t
     )
     assert "net.2: tanh outputs" in saturated.render_text()
     assert "use ReLU + He init" in saturated.render_text()
+
+
+def test_a_batch_skipped_by_the_module_does_not_leave_hooks_for_the_next_one(tmp_path):
+    class SkipsFirst(DeadReluModule):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+            self.hooks_seen.append((-1, hooks_on(self)))  # after the monitor armed
+            return -1 if batch_idx == 0 and self.current_epoch == 0 else None
+
+    module = SkipsFirst()
+    monitor = ActivationMonitor(log_every_n_steps=2, image_every_n_steps=None)
+    trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[monitor]).fit(
+        module, loader()
+    )
+    in_steps = [(step, count) for step, count in module.hooks_seen if step >= 0]
+    assert [count for _, count in in_steps] == [7 if s % 2 == 0 else 0 for s, _ in in_steps]
+    assert hooks_on(module) == 0

@@ -147,6 +147,10 @@ class ActivationMonitor(Callback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._hooks is None or not getattr(trainer, "is_global_zero", True):
             return
+        if self._hooks.armed:  # the last batch never ran (skipped by on_train_batch_start)
+            self._hooks.disarm()
+            self._hooks.read()
+            self._armed_step = None  # measure its step on the next batch instead
         step = _training_step(trainer)
         if step % self.interval(trainer) or step == self._armed_step:
             return  # not a logging step, or a later micro-batch of this one
