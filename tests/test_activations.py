@@ -427,3 +427,18 @@ def test_a_batch_skipped_by_the_module_does_not_leave_hooks_for_the_next_one(tmp
     in_steps = [(step, count) for step, count in module.hooks_seen if step >= 0]
     assert [count for _, count in in_steps] == [7 if s % 2 == 0 else 0 for s, _ in in_steps]
     assert hooks_on(module) == 0
+
+
+def test_weights_three_times_he_make_the_activation_scale_grow_x3_per_layer():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        linear = nn.Linear(256, 256, bias=False)
+        nn.init.normal_(linear.weight, std=3 * math.sqrt(2 / 256))
+        layers += [linear, nn.ReLU()]
+    stats = measure(nn.Sequential(*layers), torch.randn(512, 256))
+    found = {f.rule: f for f in diagnose_activations(stats)}
+    growth = found["activation_growth"]
+    factor = float(growth.title.split(" x", 1)[1].split(" ", 1)[0])
+    assert 2.7 <= factor <= 3.3
+    assert growth.title.endswith("-> add normalization or residual scaling")
