@@ -609,6 +609,20 @@ def ddp_nan(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     return result
 
 
+def ddp_rollback(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
+    """Detection with ``on_nonfinite="rollback"`` under DDP; rank 1's loss is NaN at step 2."""
+    from grad_guard import GradientAnomalyDetection
+
+    detection = GradientAnomalyDetection(
+        on_nonfinite="rollback", snapshot_every_n_steps=1, spike_z_threshold=None
+    )
+    trainer = make_trainer(os.path.join(out_dir, "ddp_rollback"), rank, "ddp", [detection])
+    result = fit_and_measure(trainer, make_module(nan_loss_at=(1, 2)), _loader(rank, world_size))
+    result["counts"] = dict(detection.counts)
+    result["restored"] = [e.restored_step for e in detection.events]
+    return result
+
+
 def ddp_resume(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     return _resume(os.path.join(out_dir, "ddp_resume"), rank, world_size, lambda: "ddp", {})
 
@@ -800,6 +814,7 @@ PARTS: dict[str, Callable[..., Any]] = {
     for part in (
         ddp_monitor,
         ddp_nan,
+        ddp_rollback,
         ddp_resume,
         fsdp1_orig,
         fsdp1_flat,

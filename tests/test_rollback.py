@@ -145,3 +145,34 @@ def test_plain_loop_rolls_back_model_and_optimizer_and_cools_down():
     assert lrs[9:12] == [0.01, 0.005, 0.005]  # two steps of cool-down after the rollback
     assert optimizer.param_groups[0]["lr"] == 0.01
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nan_born_in_the_forward_pass_names_its_module(tmp_path):
+    class NegativeLog(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+            self.active = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x - 10.0) * self.scale if self.active else x * self.scale
+
+    class Model(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = NegativeLog()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.net(x))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.head.active = batch_idx >= 4  # from step 4 on, log of a negative input
+            return super().training_step(batch, batch_idx)
+
+    detection = GradientAnomalyDetection(on_nonfinite="skip", max_consecutive_skips=100)
+    fit = trainer(tmp_path, max_steps=7, callbacks=[detection], logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientAnomalyWarning)
+        fit.fit(Model(), make_loader())
+    first = next(e for e in detection.events if e.kind == "nonfinite")
+    assert first.step == 4 and first.forward_origin == "head", first

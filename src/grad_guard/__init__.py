@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "GradientNormMonitor": "grad_guard.callbacks.monitor",
+    "ActivationMonitor": "grad_guard.callbacks.activations",
     "GradientAnomalyDetection": "grad_guard.callbacks.detection",
     "AdaptiveGradientClipping": "grad_guard.callbacks.clipping",
     "GradientClipping": "grad_guard.callbacks.clipping",
@@ -43,6 +44,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AGC",
+    "ActivationMonitor",
     "AdaptiveGradientClipping",
     "AnomalyEvent",
     "AutoClip",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from grad_guard.callbacks.activations import ActivationMonitor
     from grad_guard.callbacks.clipping import AdaptiveGradientClipping, GradientClipping
     from grad_guard.callbacks.detection import GradientAnomalyDetection
     from grad_guard.callbacks.guard import GradGuard

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -203,7 +203,9 @@ def check_patterns(argument: str, value: Any) -> list[re.Pattern[str]]:
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+    # any sequence (an OmegaConf ListConfig from Hydra too), but not bytes
+    is_sequence = isinstance(items, Sequence) and not isinstance(items, (bytes, bytearray))
+    if not is_sequence or not all(isinstance(p, str) for p in items):
         raise ValueError(
             f"`{argument}` must be a regex string, a list of regex strings or None, "
             f"got {shown(value)}"

@@ -47,6 +47,7 @@ CALLBACKS: dict[str, str] = {
     "AdaptiveGradientClipping": "grad_guard.callbacks.clipping",
     "GradientClipping": "grad_guard.callbacks.clipping",
     "GradGuard": "grad_guard.callbacks.guard",
+    "ActivationMonitor": "grad_guard.callbacks.activations",
 }
 
 __all__ = sorted(set(CALLBACKS) | (set(grad_guard.__all__) - {"__version__"}))

@@ -139,8 +139,8 @@ def _warn_if_few_logged_steps(trainer: Any, session: GuardSession) -> None:
             return
 
 
-def _write_run_config(trainer: Any, session: GuardSession) -> None:
-    """The run's grad_guard settings as TensorBoard text, for reports and the dashboard."""
+def run_config(trainer: Any, session: GuardSession) -> dict[str, Any]:
+    """The run's grad_guard settings (the ``grad_guard/config`` contract)."""
     config: dict[str, Any] = {
         "version": 1,
         "precision": str(getattr(trainer, "precision", "32-true")),
@@ -152,6 +152,12 @@ def _write_run_config(trainer: Any, session: GuardSession) -> None:
     }
     for callback in session.callbacks.values():
         config.update(callback.run_config())
+    return config
+
+
+def _write_run_config(trainer: Any, session: GuardSession) -> None:
+    """The run's grad_guard settings as TensorBoard text, for reports and the dashboard."""
+    config = run_config(trainer, session)
     try:
         for writer in tensorboard_writers(trainer):
             writer.add_text(CONFIG_TEXT_TAG, json.dumps(config), global_step=0)

@@ -7,7 +7,8 @@ from typing import Any
 from torch.optim import Optimizer
 
 from grad_guard._validation import check_bool, check_int, check_optional_path
-from grad_guard.callbacks.base import GradGuardCallback
+from grad_guard.callbacks.activations import ActivationMonitor
+from grad_guard.callbacks.base import GradGuardCallback, run_config
 from grad_guard.callbacks.clipping import GradientClipping
 from grad_guard.callbacks.detection import GradientAnomalyDetection
 from grad_guard.callbacks.monitor import GradientNormMonitor
@@ -43,6 +44,11 @@ class GradGuard(GradGuardCallback):
             ``log_dir``). The heatmap and gradient-flow PNGs go there too when matplotlib
             is installed.
         print_report: print the report to the console (it is written either way).
+        activations: ``True`` for a default :class:`~grad_guard.ActivationMonitor`
+            (activation statistics on logging steps: the causes behind vanishing and
+            exploding gradients), a configured one, or ``False`` (default: it makes a
+            second host copy on logging steps and hooks the forward pass of logging
+            steps, so it is opt-in).
 
     Raises:
         ValueError: if a part is of the wrong type; the message names the argument.
@@ -72,11 +78,13 @@ class GradGuard(GradGuardCallback):
         report: bool = True,
         report_dir: str | None = None,
         print_report: bool = True,
+        activations: ActivationMonitor | bool = False,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         interval = {"log_every_n_steps": log_every_n_steps}
         self.monitor = _part("monitor", monitor, GradientNormMonitor, interval)
         self.detection = _part("detection", detection, GradientAnomalyDetection, interval)
+        self.activations = _part("activations", activations, ActivationMonitor, interval)
         if clipping is True:
             clipping = "zscore"
         if clipping is None or clipping is False or isinstance(clipping, GradientClipping):
@@ -97,9 +105,9 @@ class GradGuard(GradGuardCallback):
         self.last_report: Any = None
 
     @property
-    def parts(self) -> list[GradGuardCallback]:
+    def parts(self) -> list[Any]:
         """The enabled parts, in the order they act within a step."""
-        ordered = (self.detection, self.clipping, self.monitor)
+        ordered = (self.detection, self.clipping, self.monitor, self.activations)
         return [part for part in ordered if part is not None]
 
     @property
@@ -112,7 +120,9 @@ class GradGuard(GradGuardCallback):
     def layout_charts(self) -> dict[str, list[str]]:
         charts: dict[str, list[str]] = {}
         for part in self.parts:
-            charts.update(part.layout_charts())
+            provider = getattr(part, "layout_charts", None)
+            if callable(provider):
+                charts.update(provider())
         return charts
 
     # Each hook forwards to the parts; they share one engine, so one read of the grads.
@@ -161,8 +171,21 @@ class GradGuard(GradGuardCallback):
             if name in state_dict:
                 part.load_state_dict(state_dict[name])
 
-    def _named_parts(self) -> dict[str, GradGuardCallback]:
-        named = {"monitor": self.monitor, "detection": self.detection, "clipping": self.clipping}
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        for part in self.parts:
+            part.on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for part in self.parts:
+            part.teardown(trainer, pl_module, stage)
+
+    def _named_parts(self) -> dict[str, Any]:
+        named = {
+            "monitor": self.monitor,
+            "detection": self.detection,
+            "clipping": self.clipping,
+            "activations": self.activations,
+        }
         return {name: part for name, part in named.items() if part is not None}
 
     def _write_report(self, trainer: Any, pl_module: Any) -> Any:
@@ -171,10 +194,16 @@ class GradGuard(GradGuardCallback):
         history = getattr(self.monitor, "history", None)
         if history is None:
             return None
+        session = next((p._session for p in self.parts if getattr(p, "_session", None)), None)
+        config = run_config(trainer, session) if session is not None else None
+        if config is not None:
+            config["activations"] = self.activations is not None
         return report_for_trainer(
             trainer,
             pl_module,
             history,
+            config=config,
+            activations=getattr(self.activations, "history", None),
             print_report=self.print_report,
             directory=self.report_dir,
             counts=self.detection.counts if self.detection else None,

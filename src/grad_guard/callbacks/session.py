@@ -192,7 +192,7 @@ class GuardSession:
             first=index == 0,
             amp_overflow=_amp_overflow(scaler, optimizer),
             grad_scale=scaler._scale if still_scaled else None,
-            loss=self._loss,
+            loss=_mean_over_ranks(trainer, self._loss) if "detection" in self.callbacks else None,
             reduce=max_reducer(trainer),
             process_group=flat_shard_group(trainer),
             batch_index=self._batch_index,
@@ -264,6 +264,13 @@ def max_reducer(trainer: Any) -> Any:
     if dist.is_available() and dist.is_initialized():
         return _all_reduce_max
     return _StrategyMax(trainer.strategy)
+
+
+def _mean_over_ranks(trainer: Any, loss: Tensor | None) -> Tensor | None:
+    """The loss of the global batch: every rank judges the same value (one tiny all-reduce)."""
+    if loss is None or int(getattr(trainer, "world_size", 1) or 1) <= 1:
+        return loss
+    return trainer.strategy.reduce(loss.clone(), reduce_op="mean")
 
 
 def _all_reduce_max(tensor: Tensor) -> Tensor:

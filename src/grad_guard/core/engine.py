@@ -29,15 +29,23 @@ import torch
 from torch import Tensor
 
 from grad_guard.core.detect import GradientAnomalyDetector, judged_for_vanishing
-from grad_guard.core.events import GradientAnomalyError
+from grad_guard.core.events import AnomalyEvent, GradientAnomalyError
+from grad_guard.core.forward_origin import ForwardOriginTracer
 from grad_guard.core.fused import FusedFold, is_fused
 from grad_guard.core.layers import Granularity
 from grad_guard.core.packet import HostPacket
 from grad_guard.core.parts import ClippingPart, MonitorPart
-from grad_guard.core.policy import AnomalyPolicy
+from grad_guard.core.policy import AnomalyPolicy, Decision
 from grad_guard.core.stats import GradientStats, GradientStatsComputer
 from grad_guard.core.step import StepOutcome, StepRequest
-from grad_guard.core.track import OptimizerTrack, PassKey, read_step, report_step, report_update
+from grad_guard.core.track import (
+    OptimizerTrack,
+    PassKey,
+    detection_packet,
+    read_step,
+    report_step,
+    report_update,
+)
 
 __all__ = ["StepEngine", "StepOutcome", "StepRequest"]
 
@@ -76,6 +84,7 @@ class StepEngine:
         self.clipping = clipping
         self._tracks: dict[Any, OptimizerTrack] = {}
         self._saved_detectors: dict[Any, dict[str, Any]] = {}
+        self._tracing: tuple[ForwardOriginTracer, AnomalyEvent] | None = None
         self.passes = 0  # statistics passes made (for tests)
 
     # ------------------------------------------------------------------ the step
@@ -98,6 +107,7 @@ class StepEngine:
             policy.counts["skipped_steps"] += 1
             outcome.skipped = True
             return outcome
+        self._finish_trace()
         track = self._track(request)
         with torch.no_grad():
             stats = {
@@ -136,9 +146,9 @@ class StepEngine:
             return outcome
         values = read_step(self, track, request, primary, outcome.clip, clipper)
         if track.detector is not None and policy is not None and outcome.error is None:
-            findings = track.detector.decode(values["detection"])
+            findings = track.detector.decode(values["detection"][:-2])
             track.detector.clear_pending()
-            dropped, streak = (round(v) for v in values["drops"])
+            dropped, streak = (round(v) for v in values["detection"][-2:])
             if track.dropped is not None:
                 track.dropped.zero_()
             outcome.decision = policy.decide(
@@ -149,6 +159,7 @@ class StepEngine:
                 nonfinite_parameter=lambda: _nonfinite_parameter(track, self.pass_key(policy)),
             )
             outcome.healthy = not (findings.any_now or findings.amp_now)
+        self._start_trace(request, outcome)
         self._act(track, request, outcome, fold)
         self._recover(request, outcome)
         if request.logging and outcome.error is None:
@@ -183,15 +194,14 @@ class StepEngine:
         pending_flags = track.detector is not None and bool(track.detector.steps)
         pending_flags = pending_flags and track.dropped is not None
         if pending_flags:
-            packet.add("detection", track.detector.pack())  # type: ignore[union-attr]
-            packet.add("drops", torch.stack([track.dropped, track.streak]))  # type: ignore[list-item]
+            packet.add("detection", detection_packet(track))
         if track.pending_update is not None:
             packet.add("update", track.pending_update.norms)
         values = packet.read()
         if pending_flags and self.detection is not None and track.detector is not None:
-            findings = track.detector.decode(values["detection"])
+            findings = track.detector.decode(values["detection"][:-2])
             track.detector.clear_pending()
-            dropped, streak = (round(v) for v in values["drops"])
+            dropped, streak = (round(v) for v in values["detection"][-2:])
             track.dropped.zero_()  # type: ignore[union-attr]
             outcome.decision = self.detection.decide(findings, label, dropped, streak, act=False)
         report_update(self, track, label, values, outcome)
@@ -308,6 +318,37 @@ class StepEngine:
             )
             outcome.decision.stop_reason = message
             outcome.decision.warnings.append(message)
+
+    def _start_trace(self, request: StepRequest, outcome: StepOutcome) -> None:
+        """After a non-finite step: hook the next forward to find where the NaN is born.
+
+        No standing cost: the hooks exist only for the one forward after a non-finite
+        step (a fault that lasts a single batch is missed; one that persists is named).
+        """
+        if request.module is None or self._tracing is not None:
+            return
+        event = next(
+            (
+                e
+                for e in outcome.decision.events
+                if e.kind == "nonfinite" and e.forward_origin is None
+            ),
+            None,
+        )
+        if event is not None:
+            tracer = ForwardOriginTracer(request.module)
+            tracer.arm()
+            self._tracing = (tracer, event)
+
+    def _finish_trace(self) -> None:
+        """Name the first module whose output went non-finite in the traced forward."""
+        if self._tracing is None or self.detection is None:
+            return
+        (tracer, event), self._tracing = self._tracing, None
+        tracer.disarm()
+        origin = tracer.origin
+        if origin is not None:
+            self.detection.annotate(Decision(), event, forward_origin=origin)
 
     def _cool_down(self, request: StepRequest) -> None:
         recovery = self.detection.recovery if self.detection is not None else None

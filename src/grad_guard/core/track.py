@@ -36,6 +36,15 @@ class OptimizerTrack:
         self.clip_since: tuple[int, Tensor] | None = None  # clipper (steps, clipped) at last log
 
 
+def detection_packet(track: OptimizerTrack) -> Tensor:
+    """The detector's packed flags, then dropped steps and the drop streak (2 values)."""
+    assert track.detector is not None
+    packed = track.detector.pack()
+    if track.dropped is None or track.streak is None:
+        return torch.cat([packed, packed.new_zeros(2)])
+    return torch.cat([packed, torch.stack([track.dropped, track.streak]).to(packed)])
+
+
 def read_step(
     engine: Any,
     track: OptimizerTrack,
@@ -48,13 +57,9 @@ def read_step(
     packet = HostPacket()
     reduce = {}
     if track.detector is not None:
-        packet.add("detection", track.detector.pack())
-        if track.dropped is not None and track.streak is not None:
-            packet.add("drops", torch.stack([track.dropped, track.streak]))
-        else:
-            packet.add("drops", torch.zeros(2))
-        if request.reduce is not None:
-            reduce = {"detection": request.reduce, "drops": request.reduce}
+        packet.add("detection", detection_packet(track))
+        if request.reduce is not None:  # one collective for all flags and counters
+            reduce = {"detection": request.reduce}
     if request.logging:
         packet.add("norms", stats.layer_norms)
         packet.add("total", stats.total_norm)

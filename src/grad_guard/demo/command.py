@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from grad_guard.demo import progress
     from grad_guard.demo.matrix import default_jobs, run_demo
-    from grad_guard.demo.results import DemoResults, environment, write_outputs
+    from grad_guard.demo.results import DemoResults, environment, load_average, write_outputs
     from grad_guard.demo.tables import lessons_text, print_table, summary_line
 
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
@@ -243,7 +243,9 @@ def _run(args: argparse.Namespace) -> int:
         results = run_demo(out, steps, seeds, rows, jobs=jobs, on_run=bar)
     wall_time = time.perf_counter() - start
     options = {"steps": steps, "seeds": seeds, "depth": args.depth or rows[0].model_kwargs["depth"]}
-    demo = DemoResults(results, canonical_command(args), options, wall_time, jobs, environment())
+    demo = DemoResults(
+        results, canonical_command(args), options, wall_time, jobs, environment(), load_average()
+    )
     paths = write_outputs(demo, out)
 
     say = progress.say

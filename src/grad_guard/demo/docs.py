@@ -39,7 +39,10 @@ python -m grad_guard.demo.docs --from /tmp/grad_guard_demo   # this page, the RE
 
 def _where(results: DemoResults) -> str:
     env = results.environment
-    return f"{env.get('machine', 'CPU')}, torch {env.get('torch', '?')}"
+    where = f"{env.get('machine', 'CPU')}, torch {env.get('torch', '?')}"
+    if results.load_average is not None:
+        where += f", load average {results.load_average:g} when it ended"
+    return where
 
 
 def readme_block(results: DemoResults) -> str:

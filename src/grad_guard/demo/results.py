@@ -38,6 +38,8 @@ class DemoResults:
         wall_time_s: seconds the whole demo took (measured).
         jobs: worker processes that trained the runs.
         environment: torch / Python versions and the machine.
+        load_average: the machine's 1-minute load average when the demo ended (``None``
+            where the platform has none): a wall time means little without it.
     """
 
     rows: list[DemoRow]
@@ -46,6 +48,7 @@ class DemoResults:
     wall_time_s: float
     jobs: int
     environment: dict[str, str]
+    load_average: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
@@ -54,7 +57,11 @@ class DemoResults:
                 "command": self.command,
                 "options": self.options,
                 "environment": self.environment,
-                "timing": {"wall_time_s": self.wall_time_s, "jobs": self.jobs},
+                "timing": {
+                    "wall_time_s": self.wall_time_s,
+                    "jobs": self.jobs,
+                    "load_average": self.load_average,
+                },
                 "columns": list(COLUMNS),
                 "robust_rows": sum(row.robust for row in self.rows),
                 "rows": [row.to_dict() for row in self.rows],
@@ -82,6 +89,7 @@ class DemoResults:
             wall_time_s=float(timing.get("wall_time_s", 0.0)),
             jobs=int(timing.get("jobs", 1)),
             environment=dict(data.get("environment", {})),
+            load_average=timing.get("load_average"),
         )
 
 
@@ -99,6 +107,14 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, ``None`` where the platform does not report one."""
+    try:
+        return round(os.getloadavg()[0], 1)
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return None
 
 
 def without_wall_clock(value: Any) -> Any:
