@@ -56,8 +56,9 @@ def test_help_texts_list_each_command_and_option():
     _, _, top = _probe("--help")
     assert "report" in top and "demo" in top
     _, _, demo = _probe("demo", "--help")
-    for option in ("--quick", "--out", "--steps", "--depth", "--seed", "--no-progress"):
+    for option in ("--quick", "--out", "--steps", "--seeds", "--depth", "--no-progress"):
         assert option in demo
+    assert "sigmoid" in demo  # the demo's rows, from grad_guard.demo's own parser
     _, _, report = _probe("report", "--help")
     for option in ("logdir", "--out", "--overwrite", "--window", "--max-rows", "--precision"):
         assert option in report
@@ -115,13 +116,6 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, object]:
     }
 
 
-def test_demo_options_match_the_demos_own_parser():
-    import grad_guard.demo as demo
-
-    ours = _options(cli.subcommands(cli.parser())["demo"])
-    assert ours == _options(demo.parser())
-
-
 def _positionals(parser: argparse.ArgumentParser) -> list[str]:
     return [action.dest for action in parser._actions if not action.option_strings]
 
@@ -161,9 +155,8 @@ def test_demo_gets_its_command_line_untouched(monkeypatch, capsys):
     fake.main = lambda argv: seen.append(argv) or 3
     monkeypatch.setitem(sys.modules, "grad_guard.demo", fake)
     assert cli.main(["demo", "--steps", "5", "--quick"]) == 3
-    # an option only grad_guard.demo knows goes through for it to accept or refuse
-    assert cli.main(["demo", "--seeds", "3"]) == 3
-    assert seen == [["--steps", "5", "--quick"], ["--seeds", "3"]]
+    assert cli.main(["demo", "--help"]) == 3  # the demo's own help, with its rows
+    assert seen == [["--steps", "5", "--quick"], ["--help"]]
 
     monkeypatch.setitem(sys.modules, "grad_guard.demo", None)  # not installed
     assert cli.main(["demo"]) == 1

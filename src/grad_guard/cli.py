@@ -5,15 +5,15 @@
   (:mod:`grad_guard.report.command` does the work). Nothing is trained; Lightning is not
   imported.
 * ``grad-guard demo [--quick] ...``: the vanishing/exploding gradients demo
-  (:mod:`grad_guard.demo`).
+  (:mod:`grad_guard.demo`, which parses its own options).
 * ``grad-guard --version``.
 
 Parsing imports nothing but argparse and ``grad_guard`` itself (which is lazy), so
 ``--help`` of every command and a refused option answer at once: torch, Lightning and
-numpy are imported only by the command that runs. The demo's options are therefore
-declared here as well as in :func:`grad_guard.demo.parser`, which still parses the
-demo's command line (anything unknown here is handed to it), and the report's as well as
-in :func:`grad_guard.report.command.build_parser`; tests keep them equal.
+numpy are imported only by the command that runs. ``demo`` hands its command line to
+:func:`grad_guard.demo.main`, whose parser imports no torch either; the report's options
+are declared here (typed, so a bad value is refused by argparse) as well as in
+:func:`grad_guard.report.command.build_parser`, and a test keeps the two equal.
 
 Example:
     >>> main(["--version"])  # doctest: +ELLIPSIS
@@ -46,13 +46,6 @@ PRECISIONS = (
 
 PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 """Lightning's short precision names and what it turns them into."""
-
-# the demo's defaults, kept equal to grad_guard.demo's by tests/test_cli.py
-DEMO_OUT = "grad_guard_demo"
-DEMO_STEPS = 200
-DEMO_QUICK_STEPS = 60
-DEMO_DEPTH = 20
-
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -113,38 +106,6 @@ def _add_report_options(report: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_demo_options(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"train {DEMO_QUICK_STEPS} steps per run instead of {DEMO_STEPS} (for CI; the "
-        "vanishing row shows, late explosions may not)",
-    )
-    demo.add_argument(
-        "--out", default=DEMO_OUT, metavar="DIR", help=f"output folder (default: ./{DEMO_OUT})"
-    )
-    demo.add_argument(
-        "--steps",
-        type=_int_at_least(1),
-        default=None,
-        metavar="N",
-        help=f"optimizer steps per run (default {DEMO_STEPS}, {DEMO_QUICK_STEPS} with --quick)",
-    )
-    demo.add_argument(
-        "--depth",
-        type=_int_at_least(2),
-        default=DEMO_DEPTH,
-        metavar="N",
-        help=f"layers of the deep runs (default {DEMO_DEPTH})",
-    )
-    demo.add_argument(
-        "--seed", type=_int_at_least(0), default=0, metavar="N", help="seed (default 0)"
-    )
-    demo.add_argument(
-        "--no-progress", action="store_true", help="no progress bar and no per-run lines"
-    )
-
-
 def parser() -> argparse.ArgumentParser:
     """The ``grad-guard`` argument parser, with the ``report`` and ``demo`` commands.
 
@@ -176,19 +137,14 @@ def parser() -> argparse.ArgumentParser:
             ),
         )
     )
-    _add_demo_options(
-        commands.add_parser(
-            "demo",
-            help="reproduce vanishing / exploding gradients and their fixes",
-            description=(
-                "Train a matrix of small deep networks on scikit-learn's bundled digits "
-                "(offline, CPU) that reproduce vanishing and exploding gradients and their "
-                "fixes, with GradGuard watching every run; print a table and what each row "
-                "teaches, and write one TensorBoard run per row under --out. Needs the demo "
-                'extra: pip install "grad-guard[demo]".'
-            ),
-        )
+    demo = commands.add_parser(
+        "demo",
+        help="reproduce vanishing / exploding gradients and their fixes",
+        add_help=False,
     )
+    # main() hands everything after "demo" to grad_guard.demo.main untouched: the demo's
+    # own parser (argparse only, no torch) answers --help and refuses bad values
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="the demo's options")
     return result
 
 
@@ -231,13 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (argparse's message, naming it, goes to stderr), otherwise the command's code.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return _demo(argv[1:])
     root = parser()
     try:
-        # options this parser does not know are left to grad_guard.demo, which has the
-        # last word on its own command line (and names what it refuses)
-        args, unknown = root.parse_known_args(argv)
-        if unknown and args.command != "demo":
-            root.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args = root.parse_args(argv)
     except SystemExit as exit_:  # --help and usage errors: an exit code, not an exception
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
@@ -246,9 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
-    if args.command == "demo":
-        # the demo parses the same options again (grad_guard.demo.main takes argv)
-        return _demo(argv[argv.index("demo") + 1 :])
     root.print_help()
     return 2
 
