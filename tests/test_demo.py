@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,6 @@ from matplotlib.image import imread
 NAMES = [exp.name for exp in default_experiments()]
 QUICK = ["--quick", "--steps", "12", "--jobs", "1"]
 """The quick demo, shortened further for the suite (every row, one seed, 12 steps)."""
-TINY = ["--steps", "3", "--depth", "3", "--seeds", "2", "--no-progress"]
 
 
 def _results(out: Path) -> dict:
@@ -46,6 +44,7 @@ def quick(tmp_path_factory):
     return code, out, stdout.getvalue(), stderr.getvalue(), _results(out)
 
 
+@pytest.mark.slow
 def test_quick_demo_exits_zero_and_trains_every_row(quick):
     code, out, printed, _, results = quick
     assert code == 0
@@ -59,6 +58,7 @@ def test_quick_demo_exits_zero_and_trains_every_row(quick):
     assert f"{len(NAMES)}/{len(NAMES)}" in printed  # the progress bar over all runs
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_event_files_and_reports_per_run(quick):
     _, out, _, _, results = quick
     dirs = event_dirs(str(out))
@@ -74,6 +74,7 @@ def test_quick_demo_writes_event_files_and_reports_per_run(quick):
     assert any(tag.startswith("grad_guard/clip") for tag in clipped)
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_the_comparison_png_and_the_markdown(quick):
     _, out, _, _, _ = quick
     image = imread(out / demo.FIGURE_NAME)
@@ -83,6 +84,7 @@ def test_quick_demo_writes_the_comparison_png_and_the_markdown(quick):
     assert "## What each row teaches" in markdown
 
 
+@pytest.mark.slow
 def test_quick_demo_shows_the_step0_facts_it_guarantees(quick):
     """What holds after any number of steps: the step-0 gradient ratio and clipping."""
     _, _, printed, _, results = quick
@@ -107,6 +109,7 @@ def test_quick_demo_shows_the_step0_facts_it_guarantees(quick):
                 assert run["clipped_fraction"] > 0.0, name
 
 
+@pytest.mark.slow
 def test_reports_and_anomaly_warnings_stay_quiet(quick):
     _, _, printed, errors, _ = quick
     assert "grad_guard report:" not in printed  # each run's report header
@@ -114,38 +117,52 @@ def test_reports_and_anomaly_warnings_stay_quiet(quick):
     assert "What each row teaches" in printed
 
 
-def test_two_runs_give_the_same_results_json_but_for_the_times(tmp_path):
-    for name in ("a", "b", "a"):  # "a" twice: a rerun into the same folder
-        assert demo.main([*TINY, "--jobs", "1", "--out", str(tmp_path / name)]) == 0
-        if name == "b":
-            first = _results(tmp_path / "a")
-    a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
-    assert without_wall_clock(a) == without_wall_clock(b) == without_wall_clock(first)
-    assert a["timing"]["wall_time_s"] > 0 and "timing" not in without_wall_clock(a)
-    # the rerun replaced the run folders instead of adding version_1
-    assert sorted(p.name for p in (tmp_path / "a" / "relu-he").iterdir()) == ["seed_0", "seed_1"]
+SUBSET = ("sigmoid-default", "relu-he-lr0.1-clip-norm", "relu-he-lr0.1-zclip")
+"""Rows for the reproducibility tests: no clipping, a fixed clipper, a stateful one."""
+
+RUN_SUBSET = """
+import json, sys
+from grad_guard.demo.experiments import default_experiments
+from grad_guard.demo.matrix import run_demo
+from grad_guard.demo.results import DemoResults
+rows = [e for e in default_experiments(depth=3, steps=3) if e.name in {names!r}]
+done = run_demo(sys.argv[1], 3, [0, 1], rows, jobs=int(sys.argv[2]))
+data = DemoResults(done, "x", {{}}, 1.0, int(sys.argv[2]), {{}}).to_dict()
+print(json.dumps(data))
+"""
 
 
-def test_worker_processes_give_the_numbers_of_one_process(tmp_path):
-    """The console script with --jobs 2 against the in-process run with --jobs 1."""
-    script = shutil.which("grad-guard")
-    command = [script] if script else [sys.executable, "-m", "grad_guard.cli"]
+def _subset(out: Path, jobs: int) -> dict:
+    """The results of SUBSET (3 steps, seeds 0 and 1) from a fresh interpreter."""
+    script = RUN_SUBSET.format(names=set(SUBSET))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = tmp_path / "jobs2"
     done = subprocess.run(
-        [*command, "demo", *TINY, "--jobs", "2", "--out", str(out)],
+        [sys.executable, "-c", script, str(out), str(jobs)],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"tensorboard --logdir {out}" in done.stdout
-    assert len(event_dirs(str(out))) >= 2 * len(NAMES)
-    assert demo.main([*TINY, "--jobs", "1", "--out", str(tmp_path / "jobs1")]) == 0
-    two, one = _results(out), _results(tmp_path / "jobs1")
-    assert two["timing"]["jobs"] == 2 and one["timing"]["jobs"] == 1
-    assert without_wall_clock(two) == without_wall_clock(one)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_reruns_and_worker_processes_give_the_same_results_but_for_the_times(tmp_path):
+    first = _subset(tmp_path / "a", jobs=1)
+    rerun = _subset(tmp_path / "a", jobs=1)  # into the same folder
+    workers = _subset(tmp_path / "b", jobs=2)
+    assert [row["name"] for row in first["rows"]] == list(SUBSET)
+    assert first["timing"]["wall_time_s"] == 1.0 and "timing" not in without_wall_clock(first)
+    assert without_wall_clock(first) == without_wall_clock(rerun)
+    assert workers["timing"]["jobs"] == 2
+    assert without_wall_clock(first) == without_wall_clock(workers)
+    # the rerun replaced the run folders instead of adding version_1
+    assert sorted(p.name for p in (tmp_path / "a" / "sigmoid-default").iterdir()) == [
+        "seed_0",
+        "seed_1",
+    ]
+    assert len(event_dirs(str(tmp_path / "b"))) == 2 * len(SUBSET)
 
 
 def test_help_explains_every_row_without_importing_torch():
@@ -189,11 +206,17 @@ def test_missing_dependency_names_the_demo_extra(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_plain_text_table_without_rich(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.console", None)
     out = tmp_path / "out"
-    assert demo.main(["--steps", "2", "--depth", "3", "--seeds", "1", "--out", str(out)]) == 0
+    assert (
+        demo.main(
+            ["--steps", "2", "--depth", "3", "--seeds", "1", "--jobs", "1", "--out", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("row "))
     assert all(column in header for column in COLUMNS)
