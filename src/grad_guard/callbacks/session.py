@@ -268,9 +268,16 @@ def max_reducer(trainer: Any) -> Any:
 
 def _mean_over_ranks(trainer: Any, loss: Tensor | None) -> Tensor | None:
     """The loss of the global batch: every rank judges the same value (one tiny all-reduce)."""
-    if loss is None or int(getattr(trainer, "world_size", 1) or 1) <= 1:
+    world_size = int(getattr(trainer, "world_size", 1) or 1)
+    if loss is None or world_size <= 1:
         return loss
-    return trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+    total = loss.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # NaN on any rank stays NaN
+    return total / world_size
 
 
 def _all_reduce_max(tensor: Tensor) -> Tensor:

@@ -22,20 +22,19 @@ The engine never imports Lightning; front ends only translate its outcome.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from grad_guard.core.aftermath import Aftermath, nonfinite_parameter
 from grad_guard.core.detect import GradientAnomalyDetector, judged_for_vanishing
-from grad_guard.core.events import AnomalyEvent, GradientAnomalyError
-from grad_guard.core.forward_origin import ForwardOriginTracer
+from grad_guard.core.events import GradientAnomalyError
 from grad_guard.core.fused import FusedFold, is_fused
 from grad_guard.core.layers import Granularity
 from grad_guard.core.packet import HostPacket
 from grad_guard.core.parts import ClippingPart, MonitorPart
-from grad_guard.core.policy import AnomalyPolicy, Decision
+from grad_guard.core.policy import AnomalyPolicy
 from grad_guard.core.stats import GradientStats, GradientStatsComputer
 from grad_guard.core.step import StepOutcome, StepRequest
 from grad_guard.core.track import (
@@ -84,7 +83,7 @@ class StepEngine:
         self.clipping = clipping
         self._tracks: dict[Any, OptimizerTrack] = {}
         self._saved_detectors: dict[Any, dict[str, Any]] = {}
-        self._tracing: tuple[ForwardOriginTracer, AnomalyEvent] | None = None
+        self.aftermath = Aftermath()  # rollbacks, LR cool-down, forward-origin tracing
         self.passes = 0  # statistics passes made (for tests)
 
     # ------------------------------------------------------------------ the step
@@ -107,7 +106,7 @@ class StepEngine:
             policy.counts["skipped_steps"] += 1
             outcome.skipped = True
             return outcome
-        self._finish_trace()
+        self.aftermath.finish_trace(self.detection)
         track = self._track(request)
         with torch.no_grad():
             stats = {
@@ -142,7 +141,7 @@ class StepEngine:
         needs_now = policy is not None and policy.needs_host_decision(fold)
         if not (needs_now or request.logging):
             outcome.skipped = None if fold and drop_now is not None else False
-            self._cool_down(request)
+            self.aftermath.cool_down(self.detection, request)
             return outcome
         values = read_step(self, track, request, primary, outcome.clip, clipper)
         if track.detector is not None and policy is not None and outcome.error is None:
@@ -156,16 +155,16 @@ class StepEngine:
                 request.label,
                 dropped,
                 streak,
-                nonfinite_parameter=lambda: _nonfinite_parameter(track, self.pass_key(policy)),
+                nonfinite_parameter=lambda: nonfinite_parameter(track.computers[self.pass_key(policy)], request.reduce),
             )
             outcome.healthy = not (findings.any_now or findings.amp_now)
-        self._start_trace(request, outcome)
+        self.aftermath.start_trace(request, outcome)
         self._act(track, request, outcome, fold)
-        self._recover(request, outcome)
+        self.aftermath.recover(self, request, outcome)
         if request.logging and outcome.error is None:
             report_step(self, track, request, primary, outcome, values)
         if not outcome.skipped:  # a dropped step uses no learning rate
-            self._cool_down(request)
+            self.aftermath.cool_down(self.detection, request)
         return outcome
 
     def after_step(self, key: Any) -> None:
@@ -283,86 +282,14 @@ class StepEngine:
         if "raise" in actions:
             raise GradientAnomalyError(actions["raise"])
 
-    def _recover(self, request: StepRequest, outcome: StepOutcome) -> None:
-        """Roll back on request; otherwise let a healthy step refresh the snapshot."""
-        policy = self.detection
-        recovery = policy.recovery if policy is not None else None
-        if recovery is None or policy is None or request.targets is None:
-            return
-        if outcome.rollback is None and outcome.healthy is None:
-            return
-        targets = dataclasses.replace(
-            request.targets(), extra_state=self._own_state, load_extra_state=self._load_own_state
-        )
-        if outcome.rollback is None:
-            recovery.observe(request.step, bool(outcome.healthy), targets)
-            return
-        restored = recovery.roll_back(targets, request.batch_index)
-        if restored is None:
-            outcome.decision.warnings.append(
-                f"grad_guard: step {request.step} asked for a rollback, but no healthy snapshot "
-                f"exists yet (one is taken after {recovery.config.min_healthy_steps} healthy "
-                "steps); the step was skipped instead."
-            )
-        else:
-            policy.counts["rollbacks"] += 1
-            outcome.restored_step = restored
-            outcome.rollback = policy.annotate(
-                outcome.decision, outcome.rollback, restored_step=restored
-            )
-        if recovery.exhausted:
-            outcome.should_stop = True
-            message = (
-                f"grad_guard: {recovery.rollbacks} rollbacks (max_rollbacks="
-                f"{recovery.config.max_rollbacks}); stopping training cleanly."
-            )
-            outcome.decision.stop_reason = message
-            outcome.decision.warnings.append(message)
-
-    def _start_trace(self, request: StepRequest, outcome: StepOutcome) -> None:
-        """After a non-finite step: hook the next forward to find where the NaN is born.
-
-        No standing cost: the hooks exist only for the one forward after a non-finite
-        step (a fault that lasts a single batch is missed; one that persists is named).
-        """
-        if request.module is None or self._tracing is not None:
-            return
-        event = next(
-            (
-                e
-                for e in outcome.decision.events
-                if e.kind == "nonfinite" and e.forward_origin is None
-            ),
-            None,
-        )
-        if event is not None:
-            tracer = ForwardOriginTracer(request.module)
-            tracer.arm()
-            self._tracing = (tracer, event)
-
-    def _finish_trace(self) -> None:
-        """Name the first module whose output went non-finite in the traced forward."""
-        if self._tracing is None or self.detection is None:
-            return
-        (tracer, event), self._tracing = self._tracing, None
-        tracer.disarm()
-        origin = tracer.origin
-        if origin is not None:
-            self.detection.annotate(Decision(), event, forward_origin=origin)
-
-    def _cool_down(self, request: StepRequest) -> None:
-        recovery = self.detection.recovery if self.detection is not None else None
-        if recovery is not None and request.optimizer is not None:
-            recovery.cool_down([request.optimizer])
-
-    def _own_state(self) -> dict[str, Any]:
+    def own_state(self) -> dict[str, Any]:
         """grad_guard's statistics that a rollback restores with the weights."""
         state: dict[str, Any] = {"detectors": self.detector_states()}
         if self.clipping is not None:
             state["clipping"] = self.clipping.state_dict()
         return state
 
-    def _load_own_state(self, state: dict[str, Any]) -> None:
+    def load_own_state(self, state: dict[str, Any]) -> None:
         self.load_detector_states(state.get("detectors", {}))
         if self.clipping is not None and "clipping" in state:
             self.clipping.load_state_dict(state["clipping"])
@@ -398,21 +325,3 @@ class _Default:
 
 
 _DEFAULT = _Default()
-
-
-def _nonfinite_parameter(track: OptimizerTrack, key: PassKey) -> str | None:
-    """The first parameter (forward order) whose values are themselves NaN/Inf, if any.
-
-    Called only on a non-finite step: one more pass over the weights and one host read.
-    """
-    computer = track.computers[key]
-    names = [n for layer in computer.layers for n in layer.param_names]
-    params = [p.detach() for layer in computer.layers for p in layer.params]
-    if not params:
-        return None
-    with torch.no_grad():
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()
-    for name, ok in zip(names, finite):
-        if not ok:
-            return name
-    return None

@@ -66,19 +66,19 @@ class UpdateSnapshot:
         self.computer = computer
         self.step = step
         with torch.no_grad():
-            self._before = [[p.detach().clone() for p in layer.params] for layer in computer.layers]
+            params = [p.detach() for layer in computer.layers for p in layer.params]
+            self._before = [p.clone() for p in params]
             self._weight_norms = (
-                weight_norms if weight_norms is not None else computer.norms_of(self._before)
+                weight_norms if weight_norms is not None else computer.flat_norms(self._before)
             )
 
     def measure(self) -> UpdateNorms:
         """Norms of the update the optimizer made since the snapshot (device tensors)."""
         with torch.no_grad():
             now = [p.detach() for layer in self.computer.layers for p in layer.params]
-            flat = [t for layer in self._before for t in layer]
-            if flat:
-                torch._foreach_sub_(flat, now)  # the snapshot now holds -(update)
-            update = self.computer.norms_of(self._before)
+            if self._before:
+                torch._foreach_sub_(self._before, now)  # the snapshot now holds -(update)
+            update = self.computer.flat_norms(self._before)
         device = update.device
         norms = torch.stack([update.float(), self._weight_norms.float().to(device)])
         self._before = []

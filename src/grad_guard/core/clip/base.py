@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _has_foreach_support
 
+from grad_guard.core.norm_plan import LOW_PRECISION, ForeachList
 from grad_guard.core.stats import (
     GradientStats,
     LayerNormComputer,
@@ -36,7 +37,7 @@ from grad_guard.core.stats import (
     total_from_layer_norms,
 )
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_LOW_PRECISION = LOW_PRECISION
 
 #: Added to the norm in the coefficient ``threshold / (norm + EPS)``, as torch does.
 NORM_EPS = 1e-6
@@ -94,6 +95,10 @@ def scale_grads_(grads: Sequence[Tensor], coefficients: Tensor | Sequence[Tensor
         tensor([0.5000, 0.5000, 0.5000])
     """
     per_tensor = not isinstance(coefficients, Tensor)
+    if isinstance(grads, ForeachList) and not per_tensor:
+        if grads:  # one dense foreach group, known from the statistics pass
+            torch._foreach_mul_(grads, coefficients.to(grads[0].device))  # type: ignore[union-attr]
+        return
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for i, grad in enumerate(grads):
         members, coefs = groups.setdefault((grad.device, grad.dtype), ([], []))
@@ -228,10 +233,11 @@ class ClipAlgorithm:
             total = stats.total_norm
             return ClipResult(total, total, torch.full_like(total, math.inf), total != total)
         tensor_norms = None
-        if self.granularity == "parameter" and all(len(g) <= 1 for g in stats.layer_grads):
+        counts = stats.grad_counts or tuple(len(g) for g in stats.layer_grads)
+        if self.granularity == "parameter" and all(c <= 1 for c in counts):
             # layers without a local gradient (none this step, or a slice on another rank)
-            present = tuple(i for i, grads in enumerate(stats.layer_grads) if grads)
-            if len(present) == len(stats.layer_grads):
+            present = tuple(i for i, count in enumerate(counts) if count)
+            if len(present) == len(counts):
                 tensor_norms = stats.layer_norms
             else:
                 tensor_norms = stats.layer_norms.index_select(
@@ -275,7 +281,8 @@ class ClipAlgorithm:
             if total_norm is not None:
                 total_norm = total_norm.detach()
             try:
-                result = self._clip(list(grads), total_norm, params, tensor_norms)  # type: ignore[arg-type]
+                grads = grads if isinstance(grads, list) else list(grads)
+                result = self._clip(grads, total_norm, params, tensor_norms)  # type: ignore[arg-type]
             finally:
                 self._defer_scaling = False
             result.coefficient, self._deferred = self._deferred, None
