@@ -176,3 +176,66 @@ def test_a_nan_born_in_the_forward_pass_names_its_module(tmp_path):
         fit.fit(Model(), make_loader())
     first = next(e for e in detection.events if e.kind == "nonfinite")
     assert first.step == 4 and first.forward_origin == "head", first
+
+
+def test_a_loss_spike_for_one_step_is_an_event_at_that_step(tmp_path):
+    class Spiky(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1000.0 if batch_idx == 12 else loss
+
+    detection = GradientAnomalyDetection(
+        on_loss_spike="skip", loss_warmup_steps=5, loss_window=10, spike_z_threshold=None
+    )
+    fit = trainer(tmp_path, max_steps=16, callbacks=[detection], logger=False)
+    with pytest.warns(GradientAnomalyWarning, match="loss spike at step 12"):
+        fit.fit(Spiky(lr=0.01), make_loader(n=128))
+    spikes = [e for e in detection.events if e.kind == "loss_spike"]
+    assert [(e.step, e.rule, e.action) for e in spikes] == [(12, "loss_spike", "skip")]
+    assert spikes[0].loss > spikes[0].threshold
+    assert detection.counts["loss_spike"] == 1 and detection.counts["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_a_nan_written_into_a_parameter_is_repaired_on_digits(tmp_path):
+    import lightning as L
+
+    from grad_guard.demo.data import digits_dataset, digits_loader
+    from grad_guard.models import DeepMLP, ImageClassifier
+
+    class Poisoner(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 40:
+                with torch.no_grad():
+                    next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+    def run(poison: bool) -> tuple[float, Any]:
+        torch.manual_seed(0)
+        model = DeepMLP(64, 10, depth=4, width=64, activation="relu", init="he")
+        module = ImageClassifier(model, lr=0.05, momentum=0.9)
+        detection = GradientAnomalyDetection(on_nonfinite="rollback", snapshot_every_n_steps=10)
+        callbacks = [GradGuard(detection=detection, clipping=None, report=False)]
+        fit = trainer(
+            tmp_path / str(poison),
+            max_steps=-1,
+            max_epochs=3,
+            logger=False,
+            callbacks=callbacks + ([Poisoner()] if poison else []),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GradientAnomalyWarning)
+            fit.fit(module, digits_loader(batch_size=64, seed=0))
+        data = digits_dataset()
+        with torch.no_grad():
+            accuracy = (model(data.tensors[0]).argmax(1) == data.tensors[1]).float().mean()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return accuracy.item(), detection
+
+    clean, _ = run(poison=False)
+    repaired, detection = run(poison=True)
+    assert detection.counts["rollbacks"] == 1
+    (event,) = [e for e in detection.events if e.kind == "nonfinite"]
+    assert event.forward_origin == "parameter model.fc1.weight"
+    assert event.restored_step == 30  # the last snapshot (every 10 steps) before step 40
+    assert clean > 0.9
+    assert abs(repaired - clean) <= 0.01, (clean, repaired)

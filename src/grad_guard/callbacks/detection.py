@@ -251,11 +251,10 @@ class GradientAnomalyDetection(GradGuardCallback):
     def run_config(self) -> dict[str, Any]:
         return {"detection": {f"on_{kind}": a for kind, a in self.policy.actions.items()}}
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if self._session is not None and self._saved_detectors:
             self._session.saved_detectors = dict(self._saved_detectors)
-            self._saved_detectors = {}
 
     # ------------------------------------------------------------------ state
 
@@ -274,6 +273,8 @@ class GradientAnomalyDetection(GradGuardCallback):
             self.flush(session.trainer())  # events and counts complete in the checkpoint
         if session is not None and session.engine is not None:
             detectors = session.engine.detector_states()
+        elif session is not None and session.saved_detectors:
+            detectors = dict(session.saved_detectors)  # restored, not used yet
         else:
             detectors = dict(self._saved_detectors)
         return {**self.policy.state_dict(), "detectors": detectors, "options": self._options()}

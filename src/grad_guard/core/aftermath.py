@@ -40,7 +40,10 @@ class Aftermath:
         if outcome.rollback is None:
             recovery.observe(request.step, bool(outcome.healthy), targets)
             return
-        restored = recovery.roll_back(targets, request.batch_index)
+        # a weight that is already non-finite is not the batch's fault: do not skip it later
+        origin = outcome.rollback.forward_origin or ""
+        blamed = None if origin.startswith("parameter ") else request.batch_index
+        restored = recovery.roll_back(targets, blamed)
         if restored is None:
             outcome.decision.warnings.append(
                 f"grad_guard: step {request.step} asked for a rollback, but no healthy snapshot "
