@@ -500,24 +500,24 @@ def fit_and_measure(
 
 def guarded_callbacks(log_every_n_steps: int = 1) -> list[L.Callback]:
     """Monitor + detection (skip non-finite steps) + clipping to a global norm of 0.5."""
-    from grad_guard import AdaptiveGradientClipping, GradientAnomalyDetection, GradientNormMonitor
+    from grad_guard import GradientAnomalyDetection, GradientClipping, GradientNormMonitor
     from grad_guard.core.clip import NormClip
 
     return [
         GradientNormMonitor(log_every_n_steps=log_every_n_steps, histogram_every_n_steps=2),
         GradientAnomalyDetection(on_nonfinite="skip", log_every_n_steps=log_every_n_steps),
-        AdaptiveGradientClipping(NormClip(max_norm=0.5), log_every_n_steps=log_every_n_steps),
+        GradientClipping(NormClip(max_norm=0.5), log_every_n_steps=log_every_n_steps),
     ]
 
 
 def stateful_callbacks() -> list[L.Callback]:
     """Detection + ZClip: both keep state that a resume must restore."""
-    from grad_guard import AdaptiveGradientClipping, GradientAnomalyDetection
+    from grad_guard import GradientAnomalyDetection, GradientClipping
     from grad_guard.core.clip import ZClip
 
     return [
         GradientAnomalyDetection(on_nonfinite="skip", spike_warmup_steps=2, spike_window=4),
-        AdaptiveGradientClipping(ZClip(alpha=0.5, z_threshold=0.5, warmup_steps=2)),
+        GradientClipping(ZClip(alpha=0.5, z_threshold=0.5, warmup_steps=2)),
     ]
 
 
@@ -642,10 +642,10 @@ def fsdp2_guarded(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
 
 def fsdp2_agc(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
     """AGC under FSDP2."""
-    from grad_guard import AdaptiveGradientClipping
+    from grad_guard import GradientClipping
     from grad_guard.core.clip import AGC
 
-    agc = AdaptiveGradientClipping(AGC(clip_factor=0.01))
+    agc = GradientClipping(AGC(clip_factor=0.01))
     trainer = make_trainer(os.path.join(out_dir, "fsdp2_agc"), rank, fsdp2_strategy(), [agc])
     return fit_and_measure(trainer, make_module(fsdp2=True), _loader(rank, world_size))
 

@@ -77,11 +77,11 @@ def test_report_writes_into_the_run_folder_and_never_overwrites_silently(sigmoid
 
 
 def test_counters_and_clipping_come_back_from_the_event_files(tmp_path, capsys):
-    from grad_guard import AdaptiveGradientClipping, GradientAnomalyDetection, NormClip
+    from grad_guard import GradientAnomalyDetection, GradientClipping, NormClip
     from grad_guard.history import GradientHistory
 
     detection = GradientAnomalyDetection(log_every_n_steps=2)
-    clipping = AdaptiveGradientClipping(NormClip(1e-4), log_every_n_steps=2)
+    clipping = GradientClipping(NormClip(1e-4), log_every_n_steps=2)
     monitor = GradientNormMonitor(log_every_n_steps=2, image_every_n_steps=None)
     t = trainer(tmp_path, max_steps=8, callbacks=[monitor, detection, clipping])
     t.fit(TinyModule(), make_loader())

@@ -1,4 +1,4 @@
-"""``AdaptiveGradientClipping`` in real ``Trainer.fit`` runs."""
+"""``GradientClipping`` in real ``Trainer.fit`` runs."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ class Recorder(L.Callback):
     ],
 )
 def test_string_shortcuts(shortcut, kind):
-    assert type(AdaptiveGradientClipping(shortcut).algorithm) is kind
-    assert type(AdaptiveGradientClipping().algorithm) is ZClip
+    assert type(GradientClipping(shortcut).algorithm) is kind
+    assert type(GradientClipping().algorithm) is ZClip
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_string_shortcuts(shortcut, kind):
 )
 def test_invalid_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
-        AdaptiveGradientClipping(**kwargs)
+        GradientClipping(**kwargs)
 
 
 def test_built_from_a_lightning_cli_config():
@@ -85,13 +85,13 @@ def test_built_from_a_lightning_cli_config():
     config = parser.parse_string(
         """
         callbacks:
-          - class_path: grad_guard.AdaptiveGradientClipping
+          - class_path: grad_guard.GradientClipping
             init_args:
               algorithm:
                 class_path: grad_guard.core.clip.AutoClip
                 init_args: {percentile: 25.0, window: 50}
               log_every_n_steps: 5
-          - class_path: grad_guard.AdaptiveGradientClipping
+          - class_path: grad_guard.GradientClipping
             init_args: {algorithm: agc}
         """
     )
@@ -105,7 +105,7 @@ def test_built_from_a_lightning_cli_config():
 
 
 def test_logs_clipping_scalars_and_shares_the_pass(tmp_path):
-    clipper = AdaptiveGradientClipping(NormClip(0.05), log_every_n_steps=2)
+    clipper = GradientClipping(NormClip(0.05), log_every_n_steps=2)
     monitor = GradientNormMonitor(log_every_n_steps=2, log_update_ratio=False)
     recorder = Recorder()
     t = trainer(tmp_path, max_steps=6, callbacks=[clipper, monitor, recorder])
@@ -139,7 +139,7 @@ def test_clipped_fraction_is_per_logging_interval(tmp_path):
             loss = super().training_step(batch, batch_idx)
             return loss * (1000.0 if self.global_step == 5 else 1.0)
 
-    clipper = AdaptiveGradientClipping(NormClip(10.0), log_every_n_steps=4)
+    clipper = GradientClipping(NormClip(10.0), log_every_n_steps=4)
     t = trainer(tmp_path, max_steps=9, callbacks=[clipper])
     t.fit(OneBigStep(), make_loader())
     fraction = scalars_of(tmp_path)["grad_guard/clip/clipped_fraction"]
@@ -149,7 +149,7 @@ def test_clipped_fraction_is_per_logging_interval(tmp_path):
 
 
 def test_warns_once_about_double_clipping(tmp_path):
-    clipper = AdaptiveGradientClipping("autoclip")
+    clipper = GradientClipping("autoclip")
     t = trainer(tmp_path, max_steps=2, callbacks=[clipper], gradient_clip_val=1.0)
     with pytest.warns(UserWarning, match="both clip"):
         t.fit(TinyModule(), make_loader())
@@ -160,7 +160,7 @@ def test_warns_once_about_double_clipping(tmp_path):
 
 
 def test_agc_knows_the_lightning_module(tmp_path):
-    clipper = AdaptiveGradientClipping(AGC(clip_factor=1e-3))
+    clipper = GradientClipping(AGC(clip_factor=1e-3))
     module = TinyModule()
     trainer(tmp_path, max_steps=2, callbacks=[clipper]).fit(module, make_loader())
     units = clipper.algorithm.units(list(module.parameters()))
@@ -175,7 +175,7 @@ def test_16_mixed_clips_unscaled_gradients(tmp_path):
         if precision == "16-mixed":  # on CPU Lightning makes no GradScaler by itself
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
             kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-        clipper = AdaptiveGradientClipping(ZClip(warmup_steps=2), log_every_n_steps=1)
+        clipper = GradientClipping(ZClip(warmup_steps=2), log_every_n_steps=1)
         torch.manual_seed(0)
         t = trainer(tmp_path / precision, max_steps=4, callbacks=[clipper], **kwargs)
         t.fit(TinyModule(), make_loader())
@@ -219,7 +219,7 @@ class TwoOptimizers(L.LightningModule):
 
 
 def test_state_per_optimizer_in_manual_optimization(tmp_path):
-    clipper = AdaptiveGradientClipping(AutoClip(window=10), log_every_n_steps=2)
+    clipper = GradientClipping(AutoClip(window=10), log_every_n_steps=2)
     module = TwoOptimizers()
     t = trainer(tmp_path, max_steps=8, callbacks=[clipper])
     t.fit(module, make_loader())
@@ -246,7 +246,10 @@ def test_state_per_optimizer_in_manual_optimization(tmp_path):
 def test_one_clipper_per_trainer_and_its_state_is_saved(tmp_path):
     first = GradientClipping(ZClip(warmup_steps=2))
     second = GradientClipping(AutoClip(window=7))
-    assert first.state_key == second.state_key == AdaptiveGradientClipping("norm").state_key
+    with pytest.warns(DeprecationWarning, match="now `GradientClipping`"):
+        alias = AdaptiveGradientClipping("norm")
+    assert first.state_key == second.state_key == alias.state_key
+    assert isinstance(alias, GradientClipping)
     with pytest.raises(RuntimeError, match="more than one stateful callback"):
         trainer(tmp_path, max_steps=3, callbacks=[first, second])
     t = trainer(tmp_path, max_steps=3, callbacks=[first])
@@ -257,7 +260,7 @@ def test_one_clipper_per_trainer_and_its_state_is_saved(tmp_path):
     assert states[first.state_key]["algorithms"][0]["count"].item() == 3
 
 
-class NoRestore(AdaptiveGradientClipping):
+class NoRestore(GradientClipping):
     """Forgets its checkpointed state (the negative control of the resume test)."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,7 +270,7 @@ class NoRestore(AdaptiveGradientClipping):
 def _fit_epochs(root: Any, make: Any, epochs: int, ckpt: str | None = None, cls: Any = None):
     torch.manual_seed(0)
     module = TinyModule(lr=0.2)
-    clipper = (cls or AdaptiveGradientClipping)(make(), log_every_n_steps=5)
+    clipper = (cls or GradientClipping)(make(), log_every_n_steps=5)
     t = trainer(root, max_steps=-1, max_epochs=epochs, callbacks=[clipper])
     t.fit(module, make_loader(n=80, batch_size=8), ckpt_path=ckpt)  # 10 batches an epoch
     return t, module, clipper
@@ -324,7 +327,7 @@ def test_resume_is_exact(tmp_path, make):
     ids=["norm", "norm-per-parameter", "value", "autoclip", "zclip", "agc"],
 )
 def test_no_host_sync_between_logging_steps(tmp_path, make):
-    clipper = AdaptiveGradientClipping(make())
+    clipper = GradientClipping(make())
     t = trainer(tmp_path, max_steps=25, log_every_n_steps=10, callbacks=[clipper])
     with count_host_syncs(lambda: t.fit_loop.epoch_loop._batches_that_stepped) as counts:
         t.fit(TinyModule(), make_loader(n=256))

@@ -205,12 +205,12 @@ def test_fsdp2_statistics_cost_one_all_reduce_per_step(run_b):
 
 
 def test_fsdp2_agc_uses_full_unit_norms(run_b, tmp_path):
-    from grad_guard import AdaptiveGradientClipping
+    from grad_guard import GradientClipping
     from grad_guard.core.clip import AGC
 
     _, parts = run_b
     ranks = parts["fsdp2_agc"]
-    expected, weights = _reference(tmp_path, [AdaptiveGradientClipping(AGC(clip_factor=0.01))])
+    expected, weights = _reference(tmp_path, [GradientClipping(AGC(clip_factor=0.01))])
     assert max(expected["grad_guard/clip/clipped_fraction"].values()) > 0  # AGC acted
     assert max_relative_difference(read_scalars(ranks[0]["log_dir"]), expected) < REL
     for rank in ranks:
@@ -340,14 +340,14 @@ def test_deepspeed_refusal_happens_at_setup():
 def test_agc_is_refused_under_fsdp1():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from grad_guard import AdaptiveGradientClipping, GradGuard
+    from grad_guard import GradGuard, GradientClipping
     from grad_guard.callbacks.strategy import UnsupportedStrategyError, check_strategy
     from grad_guard.core.clip import AGC, ZClip
 
-    for callback in (AdaptiveGradientClipping(AGC()), GradGuard(clipping="agc")):
+    for callback in (GradientClipping(AGC()), GradGuard(clipping="agc")):
         with pytest.raises(UnsupportedStrategyError, match="flat slice"):
             check_strategy(FSDPStrategy(), [callback])
-    check_strategy(FSDPStrategy(), [AdaptiveGradientClipping(ZClip())])  # norm-based: fine
+    check_strategy(FSDPStrategy(), [GradientClipping(ZClip())])  # norm-based: fine
     check_strategy(L.pytorch.strategies.ModelParallelStrategy(), [GradGuard(clipping="agc")])
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from grad_guard import (
-    AdaptiveGradientClipping,
     GradGuard,
     GradientAnomalyDetection,
+    GradientClipping,
     GradientNormMonitor,
     NormClip,
 )
@@ -27,7 +27,7 @@ def test_guard_equals_stand_alone_callbacks_with_one_pass_per_step(tmp_path):
 
     parts = [
         GradientAnomalyDetection(),
-        AdaptiveGradientClipping(NormClip(0.05)),
+        GradientClipping(NormClip(0.05)),
         GradientNormMonitor(),
     ]
     t_parts, parts_model, parts_logs = _fit(tmp_path / "parts", parts)

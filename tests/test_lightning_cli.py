@@ -148,7 +148,7 @@ def test_callbacks_and_nested_algorithm_from_the_command_line(cli_main, tmp_path
         [
             "--trainer.callbacks+=grad_guard.GradientNormMonitor",
             "--trainer.callbacks.log_every_n_steps=3",
-            "--trainer.callbacks+=grad_guard.AdaptiveGradientClipping",
+            "--trainer.callbacks+=grad_guard.GradientClipping",
             "--trainer.callbacks.algorithm=grad_guard.AutoClip",
             "--trainer.callbacks.algorithm.percentile=5",
             f"--trainer.default_root_dir={tmp_path}",
@@ -197,7 +197,7 @@ def test_pytorch_lightning_cli_takes_the_twins(tmp_path, monkeypatch, capsys):
         args=[
             "--trainer.callbacks+=grad_guard.pytorch_lightning.GradientAnomalyDetection",
             "--trainer.callbacks.on_exploding=skip",
-            "--trainer.callbacks+=grad_guard.pytorch_lightning.AdaptiveGradientClipping",
+            "--trainer.callbacks+=grad_guard.pytorch_lightning.GradientClipping",
             "--trainer.callbacks.algorithm=grad_guard.ZClip",
             "--trainer.callbacks.algorithm.z_threshold=3",
             f"--trainer.default_root_dir={tmp_path}",
@@ -225,7 +225,7 @@ def _public_classes() -> list[type]:
     names = [
         "GradientNormMonitor",
         "GradientAnomalyDetection",
-        "AdaptiveGradientClipping",
+        "GradientClipping",
         "GradGuard",
     ]
     return [getattr(grad_guard, n) for n in names] + [NormClip, ValueClip, AutoClip, ZClip, AGC]

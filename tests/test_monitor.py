@@ -294,3 +294,31 @@ def test_example_add_to_existing_trainer(tmp_path):
     dirs = event_dirs(str(tmp_path))
     assert dirs
     assert "grad_norm/encoder.0" in read_scalars(dirs[0])
+
+
+def test_an_interval_that_logs_too_little_is_said_once_with_the_fix(tmp_path):
+    # lightning-hydra-template: short epochs, the Trainer's default interval of 50
+    t = trainer(
+        tmp_path,
+        max_steps=200,
+        log_every_n_steps=50,
+        logger=False,
+        callbacks=[GradientNormMonitor(image_every_n_steps=None)],
+    )
+    with pytest.warns(
+        UserWarning, match=r"200 optimizer steps gives only 4 logged step\(s\)"
+    ) as record:
+        t.fit(TinyModule(), make_loader(n=1600))
+    advice = [w for w in record if "logged step(s)" in str(w.message)]
+    assert len(advice) == 1 and "log_every_n_steps=4" in str(advice[0].message)
+
+
+def test_a_histogram_interval_that_cannot_take_effect_is_said_at_setup(tmp_path):
+    t = trainer(
+        tmp_path,
+        max_steps=2,
+        log_every_n_steps=4,
+        callbacks=[GradientNormMonitor(histogram_every_n_steps=6)],
+    )
+    with pytest.warns(UserWarning, match="histograms are written every 12 steps"):
+        t.fit(TinyModule(), make_loader())

@@ -55,7 +55,7 @@ def _callbacks(ns: Any, kind: str) -> list[Any]:
     return [
         monitor,
         ns.GradientAnomalyDetection(on_nonfinite="skip", log_every_n_steps=1),
-        ns.AdaptiveGradientClipping(ns.ZClip(warmup_steps=2), log_every_n_steps=1),
+        ns.GradientClipping(ns.ZClip(warmup_steps=2), log_every_n_steps=1),
     ]
 
 

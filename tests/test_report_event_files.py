@@ -135,13 +135,13 @@ def test_step_ranges_are_the_first_and_last_logged_step(tmp_path, capsys):
 
 
 def test_a_real_fit_logs_the_settings_the_report_reads_back(tmp_path, capsys):
-    from grad_guard import AdaptiveGradientClipping, AutoClip, GradientAnomalyDetection
+    from grad_guard import AutoClip, GradientAnomalyDetection, GradientClipping
     from grad_guard.report import read_run
 
     callbacks = [
         GradientNormMonitor(log_every_n_steps=2, image_every_n_steps=None),
         GradientAnomalyDetection(log_every_n_steps=2),
-        AdaptiveGradientClipping(AutoClip(), log_every_n_steps=2),
+        GradientClipping(AutoClip(), log_every_n_steps=2),
     ]
     t = trainer(tmp_path, max_steps=8, callbacks=callbacks)
     t.fit(TinyModule(), make_loader())

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from grad_guard import (
-    AdaptiveGradientClipping,
     AutoClip,
     GradGuard,
     GradientAnomalyDetection,
+    GradientClipping,
     GradientNormMonitor,
     NormClip,
 )
@@ -26,7 +26,7 @@ class SometimesNoLoss(TinyModule):
 
 
 def test_steps_without_gradients_do_not_enter_clipping_or_detection_statistics(tmp_path):
-    clipping = AdaptiveGradientClipping(AutoClip(percentile=10.0))
+    clipping = GradientClipping(AutoClip(percentile=10.0))
     detection = GradientAnomalyDetection()
     t = trainer(tmp_path, max_steps=12, callbacks=[detection, clipping])
     t.fit(SometimesNoLoss(), make_loader(n=256))
@@ -71,7 +71,7 @@ def test_monitor_with_another_granularity_still_logs_pre_clip_norms(tmp_path):
 
 
 def test_loading_a_checkpoint_forgets_statistics_gathered_since(tmp_path):
-    clipping = AdaptiveGradientClipping(AutoClip())
+    clipping = GradientClipping(AutoClip())
     saved = clipping.state_dict()  # as an LR finder does before its search
     t = trainer(tmp_path, max_steps=4, callbacks=[clipping])
     t.fit(TinyModule(), make_loader())

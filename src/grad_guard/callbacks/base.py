@@ -17,6 +17,7 @@ from grad_guard.loggers import tensorboard_writers, warn_if_no_logger
 
 CONFIG_TEXT_TAG = "grad_guard/config"
 _MIN_LOGGED_STEPS = 10  # fewer logged steps than this over a run say too little
+_MIN_ADVISED_RUN = 100  # shorter runs are smoke tests: no advice on their interval
 
 
 class GradGuardCallback(Callback):
@@ -123,7 +124,7 @@ def _warn_if_few_logged_steps(trainer: Any, session: GuardSession) -> None:
         total = int(total) if total is not None and total != float("inf") else None
     except (TypeError, ValueError, OverflowError):
         total = None
-    if not total:
+    if not total or total < _MIN_ADVISED_RUN:
         return
     for callback in session.callbacks.values():
         interval = callback.interval(trainer)
