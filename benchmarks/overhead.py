@@ -15,7 +15,7 @@ Candidates (per model):
 - ``logging step + update ratio``: everything reported in one host copy, plus the
   weight snapshot and the update norms after the step.
 
-Run:  python benchmarks/overhead.py [--rounds 30] [--threads 1]
+Run:  python benchmarks/overhead.py [--rounds 30] [--threads 1] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ def tiny_tensors(count: int = 10_000) -> nn.Module:
     return nn.ParameterList([nn.Parameter(torch.randn(8)) for _ in range(count)])
 
 
+_CLOCK = time.perf_counter
+
+
 def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+    start = _CLOCK()
     fn()
-    return time.perf_counter() - start
+    return _CLOCK() - start
 
 
 def bench(name: str, model: nn.Module, rounds: int) -> dict[str, float]:
@@ -182,10 +185,18 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=60, help="0 skips the fit comparison")
     parser.add_argument("--fit-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time (steadier on a shared machine, 1 thread only)",
+    )
     args = parser.parse_args()
+    global _CLOCK
+    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock")
     bench("MLP", mlp(), args.rounds)
     bench("Transformer", transformer(), args.rounds)
     bench("10k tiny tensors", tiny_tensors(), max(5, args.rounds // 3))
