@@ -74,6 +74,8 @@ BAD: dict[str, list[Any]] = {
     "writer": [5, "tb", True, 1.5],
     "path_or_none": [5, True, 1.5, ["logs"], b"logs", ""],
     "detection_config": ["yes", 1, 0, "true", {"spike_window": 8}],
+    "lr_factor": [True, "0.5", 0, 0.0, 1.5, -0.5, NAN, INF, None],
+    "rollback_config": ["yes", 1, True, {"snapshot_every_n_steps": 10}],
 }
 #: the kind of an argument, by name, for every class that has it
 KIND_OF = {
@@ -109,6 +111,11 @@ KIND_OF = {
     "log_param_norms": "flag",
     "log_update_ratio": "flag",
     "fold_into_optimizer": "flag",
+    "snapshot_every_n_steps": "count",
+    "max_rollbacks": "count",
+    "cooldown_steps": "count0",
+    "lr_factor": "lr_factor",
+    "rollback": "rollback_config",
     "histogram_every_n_steps": "count_or_none",
     "max_histogram_layers": "count",
     "histogram_bins": "count2",
@@ -313,6 +320,8 @@ DEMO_BAD = {
     "--steps": ["0", "-1", "1.5", "abc", "nan"],
     "--depth": ["1", "0", "1.5", "abc"],
     "--seed": ["-1", "1.5", "abc"],
+    "--seeds": ["0", "-1", "1.5", "abc"],
+    "--jobs": ["0", "-1", "1.5", "abc"],
 }
 CLI_EXEMPT = {
     "--version": "a flag",
