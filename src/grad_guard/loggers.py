@@ -122,6 +122,25 @@ def write_scalars(writer: Any, metrics: Mapping[str, float], step: int) -> bool:
     return True
 
 
+def write_to(writer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Scalars to a ``SummaryWriter`` (one event), a tensorboardX-like writer, or a logger.
+
+    Example:
+        >>> class Logger:
+        ...     def log_metrics(self, metrics, step):
+        ...         print(step, metrics)
+        >>> write_to(Logger(), {"grad_norm/fc": 0.5}, step=3)
+        3 {'grad_norm/fc': 0.5}
+    """
+    if not metrics or write_scalars(writer, metrics, step):
+        return
+    if callable(getattr(writer, "add_scalar", None)):
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, global_step=step)
+    else:
+        writer.log_metrics(dict(metrics), step=step)
+
+
 _OPTIMIZER = r"(optimizer_\d+/)?"  # the optional optimizer level of a tag
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,44 +38,10 @@ from grad_guard.core.layers import (
 from grad_guard.core.parts import ClippingPart, MonitorPart
 from grad_guard.core.policy import AnomalyPolicy
 from grad_guard.core.rollback import RecoveryTargets, RollbackConfig
-from grad_guard.core.stats import GradientStats, validate_norm_type
-from grad_guard.loggers import custom_scalars_layout, layout_for_parts, write_scalars
-
-
-@dataclass
-class GuardStep:
-    """What :meth:`GradientGuard.step` found and did.
-
-    Attributes:
-        step: the step number used for logging and events.
-        should_step: ``False`` when the step was skipped (its gradients are now
-            ``None``, so an ``optimizer.step()`` would leave the weights alone anyway).
-            With a fused optimizer the skip happens inside ``optimizer.step()``, and this
-            stays ``True``.
-        should_stop: ``True`` when a ``"stop"`` action fired, or too many steps in a row
-            were skipped: end the loop.
-        pre_clip_norm: total gradient norm before clipping (scalar device tensor).
-        post_clip_norm: total gradient norm after clipping (the same tensor when nothing
-            clips).
-        clip_threshold: the bound the clipper applied (scalar tensor), ``None`` without
-            a clipper.
-        events: the anomalies reported by this call.
-        stats: the statistics pass of the raw (pre-clip) gradients.
-        folded: clipping and skipping were folded into the fused optimizer's kernel.
-        restored_step: when the step rolled the model and optimizer back to the last
-            healthy snapshot, that snapshot's step; else ``None``.
-    """
-
-    step: int
-    should_step: bool
-    should_stop: bool
-    pre_clip_norm: Tensor
-    post_clip_norm: Tensor
-    clip_threshold: Tensor | None = None
-    events: list[AnomalyEvent] = field(default_factory=list)
-    stats: GradientStats | None = field(default=None, repr=False)
-    folded: bool = False
-    restored_step: int | None = None
+from grad_guard.core.stats import validate_norm_type
+from grad_guard.loggers import custom_scalars_layout, layout_for_parts, write_to
+from grad_guard.loop.result import GuardStep
+from grad_guard.loop.unwrap import unwrap_model
 
 
 class GradientGuard:
@@ -392,23 +357,13 @@ class GradientGuard:
         try:
             self._write_layout()
             for log_step, metrics in outcome.metrics:
-                self._write(metrics, log_step)
+                write_to(self.writer, metrics, log_step)
         except Exception as err:  # logging must never kill training
             warnings.warn(
                 f"grad_guard: logging failed this step and was skipped "
                 f"({type(err).__name__}: {err}). Training continues.",
                 stacklevel=3,
             )
-
-    def _write(self, metrics: dict[str, float], step: int) -> None:
-        writer = self.writer
-        if not metrics or write_scalars(writer, metrics, step):
-            return
-        if callable(getattr(writer, "add_scalar", None)):
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, global_step=step)
-        else:
-            writer.log_metrics(metrics, step=step)
 
     def _write_layout(self) -> None:
         if self._layout_written:
@@ -417,26 +372,3 @@ class GradientGuard:
         if callable(getattr(self.writer, "add_custom_scalars", None)):
             charts = layout_for_parts(self.monitor, self.detection, self.clipping)
             self.writer.add_custom_scalars(custom_scalars_layout(charts))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside Fabric, DDP (``.module``) and ``torch.compile`` wrappers.
-
-    Example:
-        >>> from torch import nn
-        >>> inner = nn.Linear(2, 2)
-        >>> unwrap_model(nn.DataParallel(inner)) is inner
-        True
-    """
-    for _ in range(8):  # wrappers nest (Fabric around DDP around a compiled model)
-        name = type(model).__name__
-        if name in ("_FabricModule", "DistributedDataParallel", "DataParallel"):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
-__all__ = ["GradientGuard", "GuardStep", "unwrap_model"]
