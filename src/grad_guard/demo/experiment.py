@@ -1,12 +1,12 @@
-"""What the demo trains: :class:`Experiment` (one configuration) and the demo's rows.
+"""What the demo trains: :class:`Experiment`, one configuration.
 
 This module only describes runs; it imports neither torch nor Lightning, so
-``grad-guard demo --help`` can list the rows at once. :mod:`grad_guard.demo.runner`
-trains them.
+``grad-guard demo --help`` can list the rows at once. The demo's rows are in
+:mod:`grad_guard.demo.experiments`; :mod:`grad_guard.demo.runner` trains them.
 
 Example:
-    >>> [exp.name for exp in default_experiments()][:3]
-    ['sigmoid-default', 'tanh-xavier', 'relu-he']
+    >>> Experiment("relu-he", expected="vanishing").expected
+    'vanishes'
 """
 
 from __future__ import annotations
