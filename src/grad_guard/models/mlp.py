@@ -25,7 +25,7 @@ class DeepMLP(nn.Sequential):
     that they sort in forward order): grad_guard reports one layer per ``Linear`` (plus
     one per BatchNorm when ``batch_norm=True``), first layer nearest the input.
 
-    What it shows (200 SGD steps on digits, see :mod:`grad_guard.experiments`):
+    What it shows (150 SGD steps on digits, see :mod:`grad_guard.demo.experiments`):
 
     * ``activation="sigmoid", init="default"``: every layer multiplies the backward
       signal by ~0.14, so at ``depth=20`` the first layer's gradient is ~1e-16 of the
