@@ -16,36 +16,12 @@ import torch
 from torch import Tensor
 
 from grad_guard.core.detect.config import DetectionConfig
-from grad_guard.core.detect.findings import (
-    LAYER_KINDS,
-    NAN_CODE,
-    NUM_KINDS,
-    NUM_SCALARS,
-    S_AGE,
-    S_AMP_COUNT,
-    S_AMP_NOW,
-    S_COUNT,
-    S_LOSS,
-    S_LOSS_RULE,
-    S_NOW,
-    S_RATIO_RULE,
-    S_SPIKE_RULE,
-    S_THRESHOLD,
-    S_TOTAL,
-    Findings,
-    KindFindings,
-    packed_size,
-)
+from grad_guard.core.detect.decode import decode_findings
+from grad_guard.core.detect.findings import Findings, packed_size
+from grad_guard.core.detect.pending import PendingFindings
 from grad_guard.core.detect.vanishing import vanishing_layers
 from grad_guard.core.detect.zscore import EMAZScore, RollingZScore
-from grad_guard.core.events import KINDS
 from grad_guard.core.stats import GradientStats
-
-_RULES_OF = {  # kind -> (rule when the flag slot is 1, rule when it is 0)
-    "exploding": ("spike", "max_total_norm"),
-    "vanishing": ("min_ratio", "min_norm"),
-    "loss_spike": ("loss_spike", "nonfinite_loss"),
-}
 
 
 class GradientAnomalyDetector:
@@ -126,27 +102,33 @@ class GradientAnomalyDetector:
         self._judged = torch.tensor(self._judged_host, dtype=torch.bool, device=device)
         self._slots = torch.arange(num_layers, device=device)
         self._streak = torch.zeros(num_layers, dtype=torch.long, device=device)
-        self._scalars = torch.zeros(NUM_SCALARS, dtype=dtype, device=device)
-        self._layers_any = torch.zeros(LAYER_KINDS, num_layers, dtype=torch.bool, device=device)
-        self._layers_now = torch.zeros(LAYER_KINDS, num_layers, dtype=torch.bool, device=device)
-        self._values = torch.zeros(LAYER_KINDS, num_layers, dtype=dtype, device=device)
+        self._pending = PendingFindings(num_layers, dtype, device)
+        self._no_layers = torch.zeros(num_layers, dtype=torch.bool, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._zero = torch.zeros((), dtype=dtype, device=device)
         self._inf = torch.full((), math.inf, dtype=dtype, device=device)
+        limit = self.config.max_total_norm
+        self._max_total = None if limit is None else torch.full((), limit, dtype=dtype, device=device)
         self._ready = True
         if self._loaded_state is not None:
             state, self._loaded_state = self._loaded_state, None
             self._apply_state(state, like)
 
-    def _present_mask(self, has_grad: tuple[bool, ...]) -> Tensor:
-        # a cache per pattern: building a device tensor from a list blocks on CUDA, and
-        # MoE / stochastic-depth models alternate between a few patterns
-        mask = self._present_masks.get(has_grad)
-        if mask is None:
+    def _masks(self, has_grad: tuple[bool, ...]) -> tuple[Tensor | None, Tensor]:
+        """``(present, judged)`` device masks of a pattern; ``present`` is ``None`` when
+        every layer has a gradient. Cached: building a device tensor from a list blocks
+        on CUDA, and MoE / stochastic-depth models alternate between a few patterns."""
+        masks = self._present_masks.get(has_grad)
+        if masks is None:
             if len(self._present_masks) >= 16:
                 self._present_masks.clear()
-            mask = torch.tensor(has_grad, dtype=torch.bool, device=self._device)
-            self._present_masks[has_grad] = mask
-        return mask
+            if all(has_grad):
+                masks = (None, self._judged)
+            else:
+                present = torch.tensor(has_grad, dtype=torch.bool, device=self._device)
+                masks = (present, present & self._judged)
+            self._present_masks[has_grad] = masks
+        return masks
 
     def update(
         self,
@@ -181,28 +163,41 @@ class GradientAnomalyDetector:
         if not self._ready:
             self._init(norms if norms.is_floating_point() else norms.float())
         c = self.config
-        norms = norms.to(device=self._device, dtype=self._dtype)
-        total = stats.total_norm.detach().to(device=self._device, dtype=self._dtype)
-        present = self._present_mask(stats.has_grad)
-        false, zero = self._false, norms.new_zeros(())
+        norms = self._here(norms)
+        total = self._here(stats.total_norm.detach())
+        present, judged = self._masks(stats.has_grad)
+        false, zero = self._false, self._zero
 
-        nonfinite = stats.nonfinite.to(self._device) & present
+        nonfinite = stats.nonfinite.detach()
+        if nonfinite.device != self._device:
+            nonfinite = nonfinite.to(self._device)
+        if present is not None:
+            nonfinite = nonfinite & present
         any_nonfinite = nonfinite.any()
-        amp = false if amp_overflow is None else amp_overflow.to(self._device).reshape(()).bool()
-        nonfinite_now = any_nonfinite & ~amp
-        finite_step = ~(any_nonfinite | amp)
-        valid_layers = present & finite_step
+        amp = None
+        if amp_overflow is None:
+            nonfinite_now, finite_step = any_nonfinite, ~any_nonfinite
+        else:
+            amp = amp_overflow.to(self._device).reshape(()).bool()
+            nonfinite_now = any_nonfinite & ~amp
+            finite_step = ~(any_nonfinite | amp)
+            nonfinite = nonfinite & nonfinite_now
+        # a 0-d flag broadcasts like the [L] mask it stands for
+        valid_layers = finite_step if present is None else present & finite_step
 
         # exploding: absolute limit and/or a z-score spike of the total norm
         exploding_now, threshold, by_spike = false, self._inf, false
-        if c.max_total_norm is not None:
-            exploding_now = finite_step & (total > c.max_total_norm)
-            threshold = torch.full_like(total, c.max_total_norm)
+        if self._max_total is not None:
+            exploding_now = finite_step & (total > self._max_total)
+            threshold = self._max_total
         if self._total is not None and self._layers is not None:
             by_spike, spike_threshold = self._total.step(total, finite_step)
             spiked, z, armed = self._layers.step(norms, valid_layers)
-            exploding_now = exploding_now | by_spike
-            threshold = torch.minimum(threshold, spike_threshold)
+            if self._max_total is None:
+                exploding_now, threshold = by_spike, spike_threshold
+            else:
+                exploding_now = exploding_now | by_spike
+                threshold = torch.minimum(threshold, spike_threshold)
             # blame the layers that spiked; else the most unusual (or largest) one
             scored = armed & valid_layers
             score = torch.where(
@@ -217,10 +212,10 @@ class GradientAnomalyDetector:
             exploding_layers = top & exploding_now
 
         # vanishing: below the limit for `vanishing_patience` finite steps in a row
-        vanishing_now_layers, vanishing_threshold, by_ratio = torch.zeros_like(present), zero, false
+        vanishing_now_layers, vanishing_threshold, by_ratio = self._no_layers, zero, false
         if c.detects_vanishing:
             below, vanishing_threshold, by_ratio = vanishing_layers(
-                norms, present & self._judged, c.vanishing_min_norm, c.vanishing_min_ratio
+                norms, judged, c.vanishing_min_norm, c.vanishing_min_ratio
             )
             self._streak = torch.where(
                 finite_step, torch.where(below, self._streak + 1, 0), self._streak
@@ -230,60 +225,30 @@ class GradientAnomalyDetector:
         # loss: non-finite, or a z-score spike
         loss_now, loss_threshold, loss_value, loss_by_spike = false, zero, zero, false
         if loss is not None:
-            loss_value = loss.detach().to(device=self._device, dtype=self._dtype).reshape(())
+            loss_value = self._here(loss.detach()).reshape(())
             loss_finite = torch.isfinite(loss_value)
             loss_now = ~loss_finite
             if self._loss is not None:
                 loss_by_spike, loss_threshold = self._loss.step(loss_value, loss_finite)
                 loss_now = loss_now | loss_by_spike
+            loss_value = torch.nan_to_num(loss_value, nan=math.inf)
 
-        self._accumulate(
-            torch.stack([nonfinite_now, exploding_now, vanishing_now_layers.any(), loss_now]),
+        now = torch.stack([nonfinite_now, exploding_now, vanishing_now_layers.any(), loss_now])
+        self._pending.add(
+            now,
             torch.stack([zero, threshold, vanishing_threshold, loss_threshold]),
             amp,
-            torch.stack(
-                [
-                    total,
-                    by_spike,
-                    by_ratio,
-                    torch.nan_to_num(loss_value, nan=math.inf),
-                    loss_by_spike,
-                ]
-            ),
-            torch.stack([nonfinite & nonfinite_now, exploding_layers, vanishing_now_layers]),
+            torch.stack([total, by_spike, by_ratio, loss_value, loss_by_spike]),
+            torch.stack([nonfinite, exploding_layers, vanishing_now_layers]),
             norms,
         )
-
-    def _accumulate(
-        self,
-        now: Tensor,
-        thresholds: Tensor,
-        amp: Tensor,
-        details: Tensor,
-        layers_now: Tensor,
-        norms: Tensor,
-    ) -> None:
-        s = self._scalars
-        k = NUM_KINDS
-        now_f = now.to(self._dtype)
-        s[S_COUNT : S_COUNT + k] += now_f
-        age = s[S_AGE : S_AGE + k]
-        s[S_AGE : S_AGE + k] = torch.where(age > 0, age + 1, now_f)
-        s[S_NOW : S_NOW + k] = now_f
-        s[S_THRESHOLD : S_THRESHOLD + k] = torch.where(
-            now, thresholds, s[S_THRESHOLD : S_THRESHOLD + k]
-        )
-        s[S_AMP_COUNT] += amp
-        s[S_AMP_NOW] = amp.to(self._dtype)
-        # total/spike rule follow the exploding flag, ratio rule vanishing, loss the loss
-        owners = now[[1, 1, 2, 3, 3]]
-        slots = [S_TOTAL, S_SPIKE_RULE, S_RATIO_RULE, S_LOSS, S_LOSS_RULE]
-        s[slots] = torch.where(owners, details.to(self._dtype), s[slots])
-        self._layers_any |= layers_now
-        self._layers_now = layers_now
-        encoded = torch.where(torch.isnan(norms), NAN_CODE, norms)
-        self._values = torch.where(layers_now, encoded.expand(LAYER_KINDS, -1), self._values)
         self.now = now
+
+    def _here(self, tensor: Tensor) -> Tensor:
+        """``tensor`` on the detector's device, in its dtype (no op when it already is)."""
+        if tensor.device != self._device or tensor.dtype != self._dtype:
+            return tensor.to(device=self._device, dtype=self._dtype)
+        return tensor
 
     # ------------------------------------------------------------------ host side
 
@@ -295,77 +260,18 @@ class GradientAnomalyDetector:
         """
         if not self._ready:
             return torch.zeros(packed_size(self.num_layers))
-        return torch.cat(
-            [
-                self._scalars,
-                self._layers_any.flatten().to(self._dtype),
-                self._layers_now.flatten().to(self._dtype),
-                self._values.flatten(),
-            ]
-        )
+        return self._pending.pack()
 
     def decode(self, values: Sequence[float]) -> Findings:
         """Turn :meth:`pack`'s output, copied to the host, into :class:`Findings`."""
-        num_layers = self.num_layers
-        scalars = values[:NUM_SCALARS]
-        blocks = values[NUM_SCALARS:]
         steps = self.steps or [self.updates - 1]
-        kinds = []
-        for k, kind in enumerate(KINDS):
-            count = round(scalars[S_COUNT + k])
-            age = round(scalars[S_AGE + k])
-            chosen: list[int] = []
-            active: tuple[str, ...] = ()
-            layer_values: tuple[float, ...] = ()
-            if k < LAYER_KINDS:
-                row_any = blocks[k * num_layers : (k + 1) * num_layers]
-                row_now = blocks[
-                    (LAYER_KINDS + k) * num_layers : (LAYER_KINDS + k + 1) * num_layers
-                ]
-                row_values = blocks[(2 * LAYER_KINDS + k) * num_layers :][:num_layers]
-                chosen = [i for i, flag in enumerate(row_any) if flag > 0.5]
-                active = tuple(self.layer_names[i] for i, flag in enumerate(row_now) if flag > 0.5)
-                layer_values = tuple(
-                    math.nan if row_values[i] == NAN_CODE else float(row_values[i]) for i in chosen
-                )
-            rule, threshold = kind, None
-            if kind in _RULES_OF:
-                flag_slot = {"exploding": S_SPIKE_RULE, "vanishing": S_RATIO_RULE}.get(
-                    kind, S_LOSS_RULE
-                )
-                rule = _RULES_OF[kind][0 if scalars[flag_slot] > 0.5 else 1]
-                if rule != "nonfinite_loss":
-                    threshold = float(scalars[S_THRESHOLD + k])
-            kinds.append(
-                KindFindings(
-                    kind=kind,
-                    count=count,
-                    first_step=steps[max(0, len(steps) - age)] if count and age else None,
-                    now=scalars[S_NOW + k] > 0.5,
-                    layers=tuple(self.layer_names[i] for i in chosen),
-                    values=layer_values,
-                    active=active,
-                    threshold=threshold if count else None,
-                    rule=rule if count else "",
-                    total_norm=float(scalars[S_TOTAL]) if count and kind == "exploding" else None,
-                    loss=float(scalars[S_LOSS]) if count and kind == "loss_spike" else None,
-                )
-            )
-        return Findings(
-            *kinds,
-            amp_overflows=round(scalars[S_AMP_COUNT]),
-            amp_now=scalars[S_AMP_NOW] > 0.5,
-            updates=len(self.steps),
-        )
+        return decode_findings(values, self.layer_names, steps, len(self.steps))
 
     def clear_pending(self) -> None:
         """Forget the accumulated flags (the running statistics stay)."""
         self.steps = []
         if self._ready:
-            self._scalars.zero_()
-            self._layers_any.zero_()
-            self._layers_now.zero_()
-            self._values.zero_()
+            self._pending.clear()
 
     def read(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Findings:
         """Copy the pending flags to the host (one transfer), decode and clear them.
@@ -415,7 +321,7 @@ class GradientAnomalyDetector:
             return
         self.updates = int(state.get("updates", 0))
         if self._ready:
-            self._apply_state(state, self._scalars)
+            self._apply_state(state, self._zero)
         else:
             self._loaded_state = dict(state)
 

@@ -57,9 +57,18 @@ def vanishing_layers(
         ([True, False, False], 9.999999747378752e-06, True)
     """
     zero = layer_norms.new_zeros(())
-    largest = torch.where(judged, layer_norms, zero).amax() if layer_norms.numel() else zero
-    relative = largest * min_ratio if min_ratio is not None else zero
-    absolute = layer_norms.new_full((), min_norm if min_norm is not None else 0.0)
-    threshold = torch.maximum(relative, absolute)
-    below = judged & (layer_norms < threshold)
-    return below, threshold, relative >= absolute
+    if min_ratio is None:  # the absolute limit alone
+        threshold = layer_norms.new_full((), min_norm if min_norm is not None else 0.0)
+        return judged & (layer_norms < threshold), threshold, zero.bool()
+    largest = torch.where(judged, layer_norms, 0.0).amax() if layer_norms.numel() else zero
+    relative = largest * min_ratio
+    if min_norm is None:
+        # norms are >= 0, so the relative limit is the threshold (as max(relative, 0));
+        # a NaN largest norm (a non-finite step, never judged) gives no ratio rule
+        threshold = relative
+        by_ratio = relative >= 0
+    else:
+        absolute = layer_norms.new_full((), min_norm)
+        threshold = torch.maximum(relative, absolute)
+        by_ratio = relative >= absolute
+    return judged & (layer_norms < threshold), threshold, by_ratio

@@ -54,33 +54,33 @@ class RollingZScore:
     def mean_std(self) -> tuple[Tensor, Tensor]:
         """Mean and (floored) sample standard deviation of the accepted values."""
         assert self.values is not None and self.count is not None
-        filled = self._slots < self.count
-        n = self.count.clamp(min=1).to(self.values.dtype)
-        mean = torch.where(filled, self.values, 0).sum() / n
-        var = torch.where(filled, self.values - mean, 0).square().sum() / (n - 1).clamp(min=1)
+        # slots not yet filled hold 0 (they are written in order), so they add nothing
+        n = self.count.to(self.values.dtype)
+        mean = self.values.sum() / n.clamp(min=1)
+        deviation = torch.where(self._slots < self.count, self.values - mean, 0)
+        var = torch.dot(deviation, deviation) / (n - 1).clamp(min=1)
         return mean, _floored_std(var, mean)
 
     def threshold(self) -> Tensor:
         """The spike threshold now (``inf`` before warm-up)."""
         mean, std = self.mean_std()
         armed = self.count >= self.warmup_steps
-        return torch.where(armed, mean + self.z_threshold * std, math.inf)
+        return torch.where(armed, torch.add(mean, std, alpha=self.z_threshold), math.inf)
 
     def step(self, value: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Judge ``value`` and, if ``valid``, add it. Returns ``(spike, threshold)``."""
         if self.values is None:
             self._init(value)
         assert self.values is not None and self.position is not None and self.count is not None
-        value = value.to(self.values.dtype)
+        if value.dtype != self.values.dtype:
+            value = value.to(self.values.dtype)
         threshold = self.threshold()
         spike = valid & (value > threshold)
         entering = torch.where(spike, threshold, value)
-        slot = self.position.view(1)
-        kept = self.values.index_select(0, slot)
-        self.values.index_copy_(0, slot, torch.where(valid, entering.view(1), kept))
-        accepted = valid.long()
-        self.position = (self.position + accepted) % self.window
-        self.count = (self.count + accepted).clamp(max=self.window)
+        write = valid & (self._slots == self.position)
+        self.values = torch.where(write, entering, self.values)
+        self.position = (self.position + valid) % self.window
+        self.count = (self.count + valid).clamp(max=self.window)
         return spike, threshold
 
     def state_dict(self) -> dict[str, Any]:
@@ -96,9 +96,10 @@ class RollingZScore:
         if not state or state["values"].numel() != self.window:
             return
         self._init(like)
-        self.values = state["values"].to(device=like.device, dtype=like.dtype)
         self.count = state["count"].to(like.device)
         self.position = state["position"].to(like.device)
+        values = state["values"].to(device=like.device, dtype=like.dtype)
+        self.values = torch.where(self._slots < self.count, values, 0)  # unfilled slots: 0
 
 
 class EMAZScore:
@@ -149,15 +150,14 @@ class EMAZScore:
         z = (safe - self.mean) / std
         armed = self.count >= self.warmup_steps
         spiked = armed & valid & (z > self.z_threshold)
-        entering = torch.where(spiked, self.mean + self.z_threshold * std, safe)
+        entering = torch.where(spiked, torch.add(self.mean, std, alpha=self.z_threshold), safe)
         first = self.count == 0
-        diff = entering - self.mean
+        diff = entering - self.mean  # 0 where not valid: the mean stays as it is
         increment = alpha * diff
-        new_mean = torch.where(first, entering, self.mean + increment)
-        new_var = torch.where(first, 0.0, (1.0 - alpha) * (self.var + diff * increment))
-        self.mean = torch.where(valid, new_mean, self.mean)
+        self.mean = torch.where(first, entering, self.mean + increment)
+        new_var = torch.where(first, 0.0, (1.0 - alpha) * torch.addcmul(self.var, diff, increment))
         self.var = torch.where(valid, new_var, self.var)
-        self.count = self.count + valid.to(self.count.dtype)
+        self.count = self.count + valid
         return spiked, z, armed
 
     def state_dict(self) -> dict[str, Any]:
