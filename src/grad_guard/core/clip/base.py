@@ -144,19 +144,24 @@ def plain_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor | N
     return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
 
 
-def norm_coefficient(norm: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+def norm_coefficient(
+    norm: Tensor, threshold: Tensor, finite: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(coefficient, clipped)`` that bring a total ``norm`` down to ``threshold``.
 
     ``coefficient`` is ``threshold / (norm + 1e-6)`` where ``norm > threshold`` and 1
     elsewhere, including where ``norm`` is NaN or infinite (such gradients are left for
     the anomaly detector or the GradScaler to drop). Works elementwise on vectors too.
+    ``finite`` is ``torch.isfinite(norm)`` when the caller has it already.
 
     Example:
         >>> norm_coefficient(torch.tensor([4.0, 1.0, float("nan")]), torch.tensor(2.0))[1]
         tensor([ True, False, False])
     """
-    clipped = torch.isfinite(norm) & (norm > threshold)
-    coefficient = torch.where(clipped, threshold / (norm + NORM_EPS), torch.ones_like(norm))
+    if finite is None:
+        finite = torch.isfinite(norm)
+    clipped = finite & (norm > threshold)
+    coefficient = torch.where(clipped, threshold / (norm + NORM_EPS), 1.0)
     return coefficient, clipped
 
 
@@ -288,7 +293,7 @@ class ClipAlgorithm:
             result.coefficient, self._deferred = self._deferred, None
         if self.clipped_steps.device != result.clipped.device:
             self.clipped_steps = self.clipped_steps.to(result.clipped.device)
-        self.clipped_steps = self.clipped_steps + result.clipped.long()
+        self.clipped_steps = self.clipped_steps + result.clipped
         self.steps += 1
         self.last = result
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -94,6 +95,7 @@ class ZClip(ClipAlgorithm):
         self.count = torch.zeros((), dtype=torch.long)
         self.mean = torch.zeros(())
         self.var = torch.zeros(())
+        self._slots: Tensor | None = None  # warm-up buffer positions
 
     def _clip(
         self,
@@ -107,36 +109,35 @@ class ZClip(ClipAlgorithm):
         finite = torch.isfinite(g)
         ready = self.count >= self.warmup_steps
         std = self.var.clamp(min=0).sqrt()
-        z = (g - self.mean) / (std + self.eps)
+        spread = std + self.eps
+        z = (g - self.mean) / spread
         spike = ready & finite & (z > self.z_threshold)
         if self.clip_option == "mean":
             target = self.mean
         else:
-            target = self.mean + (self.z_threshold**2 / z) * std
-        ordinary = self.mean + self.z_threshold * (std + self.eps)
-        inf = torch.full_like(g, float("inf"))
-        threshold = torch.where(ready, torch.where(spike, target, ordinary), inf)
+            target = torch.addcmul(self.mean, self.z_threshold**2 / z, std)
+        ordinary = torch.add(self.mean, spread, alpha=self.z_threshold)
+        threshold = torch.where(ready, torch.where(spike, target, ordinary), math.inf)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
-        coefficient, clipped = norm_coefficient(g, threshold)
+        coefficient, clipped = norm_coefficient(g, threshold, finite)
         self._scale_(grads, coefficient)
 
         # statistics: EMA after the warm-up, with the clipped value of a spike
         value = torch.where(spike, target, g)
-        mean = self.alpha * self.mean + (1 - self.alpha) * value
-        var = self.alpha * self.var + (1 - self.alpha) * (value - mean) ** 2
+        mean = torch.add(self.mean * self.alpha, value, alpha=1 - self.alpha)
+        deviation = value - mean
+        var = torch.addcmul(self.var * self.alpha, deviation, deviation, value=1 - self.alpha)
         update = ready & finite
         # warm-up: collect, then start the EMAs from the sample mean and variance
-        collect = ~ready & finite
-        slot = self.count.clamp(max=self.warmup_steps - 1).view(1)
-        kept = self.warmup.gather(0, slot)
-        self.warmup.index_copy_(0, slot, torch.where(collect, g.view(1), kept))
-        start = collect & (self.count + 1 == self.warmup_steps)
+        collect = finite & ~ready
+        self.warmup = torch.where(collect & (self._slots == self.count), g, self.warmup)
+        start = collect & (self.count == self.warmup_steps - 1)
         first_mean = self.warmup.mean()
         first_var = (self.warmup - first_mean).square().mean()
         self.mean = torch.where(start, first_mean, torch.where(update, mean, self.mean))
         self.var = torch.where(start, first_var, torch.where(update, var, self.var))
-        self.count = self.count + finite.long()
+        self.count = self.count + finite
         return ClipResult(g, g * coefficient, threshold, clipped)
 
     @property
@@ -151,6 +152,8 @@ class ZClip(ClipAlgorithm):
             self.mean = self.mean.to(norm)
             self.var = self.var.to(norm)
             self.count = self.count.to(norm.device)
+        if self._slots is None or self._slots.device != norm.device:
+            self._slots = torch.arange(self.warmup_steps, device=norm.device)
 
     def _state(self) -> dict[str, Tensor]:
         return {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}
