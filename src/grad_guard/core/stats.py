@@ -181,6 +181,11 @@ class GradientStatsComputer:
     def collectives_last_call(self) -> int:
         return self._computer.collectives_last_call
 
+    @property
+    def parameters(self) -> list[Tensor]:
+        """Every parameter of the layers, in layer order (the order of :meth:`flat_norms`)."""
+        return self._flat
+
     def __call__(self, grad_scale: Tensor | None = None) -> GradientStats:
         """One pass over the current gradients.
 

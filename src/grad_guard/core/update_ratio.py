@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grad_guard.core.norm_plan import plain_dense
 from grad_guard.core.stats import GradientStatsComputer
 
 
@@ -65,9 +66,8 @@ class UpdateSnapshot:
     ) -> None:
         self.computer = computer
         self.step = step
-        with torch.no_grad():
-            params = [p.detach() for layer in computer.layers for p in layer.params]
-            self._before = [p.clone() for p in params]
+        with torch.no_grad():  # no per-tensor detach: nothing here is recorded
+            self._before = _clone(computer.parameters)
             self._weight_norms = (
                 weight_norms if weight_norms is not None else computer.flat_norms(self._before)
             )
@@ -75,11 +75,17 @@ class UpdateSnapshot:
     def measure(self) -> UpdateNorms:
         """Norms of the update the optimizer made since the snapshot (device tensors)."""
         with torch.no_grad():
-            now = [p.detach() for layer in self.computer.layers for p in layer.params]
-            if self._before:
-                torch._foreach_sub_(self._before, now)  # the snapshot now holds -(update)
+            if self._before:  # the snapshot now holds -(update)
+                torch._foreach_sub_(self._before, self.computer.parameters)
             update = self.computer.flat_norms(self._before)
         device = update.device
         norms = torch.stack([update.float(), self._weight_norms.float().to(device)])
         self._before = []
         return UpdateNorms(self.step, norms)
+
+
+def _clone(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors``: one foreach call where the kernels allow it."""
+    if tensors and plain_dense(tensors):
+        return list(torch._foreach_clone(tensors))
+    return [t.detach().clone() for t in tensors]
