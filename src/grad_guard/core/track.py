@@ -34,6 +34,16 @@ class OptimizerTrack:
         self.snapshot: UpdateSnapshot | None = None
         self.pending_update: UpdateNorms | None = None
         self.clip_since: tuple[int, Tensor] | None = None  # clipper (steps, clipped) at last log
+        self.wanted: tuple[tuple[str, ...], list[bool]] | None = None  # monitor filter, cached
+
+
+def wanted_layers(engine: Any, track: OptimizerTrack, names: tuple[str, ...]) -> list[bool]:
+    """Which of ``names`` the monitor reports (its include/exclude patterns), cached."""
+    if track.wanted is None or track.wanted[0] is not names:
+        monitor = engine.monitor
+        flags = [True] * len(names) if monitor is None else [monitor.wanted(n) for n in names]
+        track.wanted = (names, flags)
+    return track.wanted[1]
 
 
 def detection_packet(track: OptimizerTrack) -> Tensor:
@@ -100,8 +110,8 @@ def report_step(
     report_update(engine, track, request.label, values, outcome)
     names = stats.layer_names
     wanted = [
-        present and (engine.monitor is None or engine.monitor.wanted(name))
-        for name, present in zip(names, stats.has_grad)
+        present and wanted
+        for wanted, present in zip(wanted_layers(engine, track, names), stats.has_grad)
     ]
     counts = engine.detection.counts if engine.detection is not None else None
     metrics = step_metrics(
@@ -139,5 +149,5 @@ def report_update(
     computer = track.computers[engine.pass_key(engine.monitor)]
     names = computer.layer_names
     ratios = pending.ratios(values["update"])
-    wanted = [engine.monitor.wanted(name) for name in names]
+    wanted = wanted_layers(engine, track, names)
     outcome.metrics.insert(0, (pending.step, update_ratio_metrics(names, wanted, ratios, label)))

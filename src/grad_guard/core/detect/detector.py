@@ -159,16 +159,16 @@ class GradientAnomalyDetector:
         self.updates += 1
         if self.num_layers == 0:
             return
-        norms = stats.layer_norms.detach()
+        norms = _plain(stats.layer_norms)
         if not self._ready:
             self._init(norms if norms.is_floating_point() else norms.float())
         c = self.config
         norms = self._here(norms)
-        total = self._here(stats.total_norm.detach())
+        total = self._here(_plain(stats.total_norm))
         present, judged = self._masks(stats.has_grad)
         false, zero = self._false, self._zero
 
-        nonfinite = stats.nonfinite.detach()
+        nonfinite = stats.nonfinite
         if nonfinite.device != self._device:
             nonfinite = nonfinite.to(self._device)
         if present is not None:
@@ -225,7 +225,7 @@ class GradientAnomalyDetector:
         # loss: non-finite, or a z-score spike
         loss_now, loss_threshold, loss_value, loss_by_spike = false, zero, zero, false
         if loss is not None:
-            loss_value = self._here(loss.detach()).reshape(())
+            loss_value = self._here(_plain(loss)).reshape(())
             loss_finite = torch.isfinite(loss_value)
             loss_now = ~loss_finite
             if self._loss is not None:
@@ -333,3 +333,8 @@ class GradientAnomalyDetector:
             self._layers.load_state_dict(state.get("layers", {}), like)
         if self._loss is not None:
             self._loss.load_state_dict(state.get("loss", {}), like)
+
+
+def _plain(tensor: Tensor) -> Tensor:
+    """``tensor`` without autograd history (no op when it has none, as under no_grad)."""
+    return tensor.detach() if tensor.requires_grad else tensor

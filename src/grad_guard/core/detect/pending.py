@@ -73,7 +73,9 @@ class PendingFindings:
             self.amp = self.amp * self._keep_count
             self._amp_now = False
         owners = now.index_select(0, self._owners)
-        self.details = torch.where(owners, details.to(self.dtype), self.details)
+        if details.dtype != self.dtype:
+            details = details.to(self.dtype)
+        self.details = torch.where(owners, details, self.details)
         self.layers_any = self.layers_any | layers_now
         self.layers_now = layers_now
         encoded = torch.where(torch.isnan(norms), NAN_CODE, norms)

@@ -56,11 +56,13 @@ def vanishing_layers(
         >>> below.tolist(), threshold.item(), by_ratio.item()
         ([True, False, False], 9.999999747378752e-06, True)
     """
-    zero = layer_norms.new_zeros(())
     if min_ratio is None:  # the absolute limit alone
         threshold = layer_norms.new_full((), min_norm if min_norm is not None else 0.0)
-        return judged & (layer_norms < threshold), threshold, zero.bool()
-    largest = torch.where(judged, layer_norms, 0.0).amax() if layer_norms.numel() else zero
+        return judged & (layer_norms < threshold), threshold, threshold < 0
+    if layer_norms.numel():
+        largest = torch.where(judged, layer_norms, 0.0).amax()
+    else:
+        largest = layer_norms.new_zeros(())
     relative = largest * min_ratio
     if min_norm is None:
         # norms are >= 0, so the relative limit is the threshold (as max(relative, 0));

@@ -174,5 +174,6 @@ class EMAZScore:
 
 
 def _floored_std(var: Tensor, mean: Tensor) -> Tensor:
+    # var >= 0 by construction (sums of squares, EMAs of them), so no clamp before sqrt
     floor = torch.clamp(mean.abs() * REL_STD_FLOOR, min=torch.finfo(var.dtype).tiny)
-    return torch.maximum(var.clamp(min=0).sqrt(), floor)
+    return torch.maximum(var.sqrt(), floor)
