@@ -125,7 +125,7 @@ def test_sdist_and_wheel_hold_the_package(installed):
         os.path.relpath(path, copied).replace(os.sep, "/")
         for path in glob.glob(os.path.join(copied, "grad_guard", "**", "*.py"), recursive=True)
     }
-    assert {"grad_guard/__init__.py", "grad_guard/loop.py", "grad_guard/core/stats.py"} <= modules
+    assert {"grad_guard/__init__.py", "grad_guard/loop/guard.py", "grad_guard/core/stats.py"} <= modules
     wheel_names = set(installed.wheel_names)
     assert modules <= wheel_names, sorted(modules - wheel_names)
     assert "grad_guard/py.typed" in wheel_names

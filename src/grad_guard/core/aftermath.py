@@ -77,7 +77,8 @@ class Aftermath:
             (
                 e
                 for e in outcome.decision.events
-                if e.kind == "nonfinite" and e.forward_origin is None
+                # only a NaN of this very step: one read lazily at a logging step is old
+                if e.kind == "nonfinite" and e.forward_origin is None and e.step == request.step
             ),
             None,
         )
