@@ -442,3 +442,17 @@ def test_weights_three_times_he_make_the_activation_scale_grow_x3_per_layer():
     factor = float(growth.title.split(" x", 1)[1].split(" ", 1)[0])
     assert 2.7 <= factor <= 3.3
     assert growth.title.endswith("-> add normalization or residual scaling")
+
+
+def test_gradguard_with_activations_logs_them_and_its_report_names_the_dead_layer(tmp_path):
+    from grad_guard import GradGuard
+
+    guard = GradGuard(activations=True, clipping=None, print_report=False)
+    fit = trainer(tmp_path, max_steps=3, callbacks=[guard])
+    fit.fit(DeadReluModule(), loader())
+    scalars = read_scalars(fit.logger.log_dir)
+    assert scalars["dead_fraction/net.4"][0] >= 0.99 and scalars["grad_norm/net.4"]
+    report = guard.last_report
+    assert report is not None and "net.4: 100 % of ReLU units dead" in report.render_text()
+    state = guard.state_dict()
+    assert set(state) == {"monitor", "detection", "activations"}
