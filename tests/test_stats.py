@@ -109,3 +109,37 @@ def test_mixed_dtypes_are_grouped_and_combined():
 def test_invalid_norm_type(norm_type):
     with pytest.raises(ValueError, match="`norm_type`"):
         GradientStatsComputer([], norm_type)
+
+
+def test_plan_follows_gradients_that_come_and_go_and_a_cast_model():
+    model = _model_with_grads()
+    computer = GradientStatsComputer(group_parameters(model, "parameter"))
+    full = computer()
+    torch.testing.assert_close(
+        full.layer_norms, torch.stack([p.grad.norm() for p in model.parameters()])
+    )
+    model[2].bias.grad = None  # a new pattern: a second plan, the first one kept
+    partial = computer()
+    assert partial.has_grad == (True, True, True, False, True, True)
+    assert partial.layer_norms[3].item() == 0.0
+    assert len(partial.grads) == len(partial.params) == 5
+    assert [len(g) for g in partial.layer_grads] == [1, 1, 1, 0, 1, 1]
+    assert len(computer._plans) == 2
+    model.double()  # same parameters, new dtype: the plan is made again
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    cast = computer()
+    assert cast.layer_norms.dtype == torch.float64
+    expected = [p.numel() ** 0.5 for p in model.parameters()]
+    torch.testing.assert_close(cast.layer_norms, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_a_gradient_that_turns_sparse_leaves_the_plan():
+    embedding = nn.Embedding(10, 3)
+    model = nn.ModuleDict({"embedding": embedding})
+    embedding.weight.grad = torch.ones(10, 3)
+    computer = GradientStatsComputer(group_parameters(model))
+    assert computer().layer_norms.item() == pytest.approx(30**0.5)
+    embedding.weight.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 3), (10, 3))
+    assert computer().layer_norms.item() == pytest.approx(3**0.5)
+    assert computer().layer_norms.item() == pytest.approx(3**0.5)  # planned as sparse now

@@ -60,14 +60,17 @@ class NormPlan:
             if tensor.numel():  # an empty tensor adds nothing (its inf-norm is an error)
                 groups.setdefault((tensor.device, tensor.dtype), []).append(position)
         foreach_devices = set(_get_foreach_kernels_supported_devices()) | {"cpu"}
-        #: (positions, or None for all tensors in order; device; foreach; output dtype)
-        self.groups: list[tuple[list[int] | None, torch.device, bool, torch.dtype | None]] = []
+        #: (positions, or None for all tensors in order; device; dtype; foreach; output dtype)
+        self.groups: list[
+            tuple[list[int] | None, torch.device, torch.dtype, bool, torch.dtype | None]
+        ] = []
         grouped: list[int] = []
         for (group_device, dtype), positions in groups.items():
             whole = len(groups) == 1 and len(positions) == len(tensors)
             out_dtype = torch.float32 if dtype in LOW_PRECISION else None
             foreach = group_device.type in foreach_devices
-            self.groups.append((None if whole else positions, group_device, foreach, out_dtype))
+            group = (None if whole else positions, group_device, dtype, foreach, out_dtype)
+            self.groups.append(group)
             grouped.extend(positions)
         layer_of = [owners[i] for i in grouped]
         #: every layer is exactly one tensor, in order: the stacked norms are the result
@@ -75,11 +78,18 @@ class NormPlan:
         self.index = torch.tensor(layer_of, dtype=torch.long, device=self.device)
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The ``[num_layers]`` norms of ``tensors`` (same layout as at construction)."""
+        """The ``[num_layers]`` norms of ``tensors`` (same layout as at construction).
+
+        Raises:
+            StalePlan: when a group's first tensor changed device or dtype (the model was
+                moved or cast after the plan was made): make a new plan.
+        """
         p = self.norm_type
         parts = []
-        for positions, device, foreach, out_dtype in self.groups:
+        for positions, device, dtype, foreach, out_dtype in self.groups:
             members = tensors if positions is None else [tensors[i] for i in positions]
+            if members[0].dtype != dtype or members[0].device != device:
+                raise StalePlan(f"planned for {dtype} on {device}, got {members[0].dtype}")
             if foreach:
                 norms = torch._foreach_norm(members, p, dtype=out_dtype)
             else:
@@ -98,6 +108,10 @@ class NormPlan:
             return result.scatter_reduce_(0, self.index, values, reduce="amax", include_self=True)
         result.index_add_(0, self.index, values if p == 1 else values.pow(p))
         return result if p == 1 else result.pow(1.0 / p)
+
+
+class StalePlan(RuntimeError):
+    """The tensors no longer have the devices and dtypes a :class:`NormPlan` was made for."""
 
 
 class ForeachList(list):

@@ -25,7 +25,14 @@ from torch import Tensor
 
 from grad_guard.core.layer_norms import LayerNormComputer, local_tensor
 from grad_guard.core.layers import Layer
-from grad_guard.core.norm_plan import LOW_PRECISION, ForeachList, LayerSlices, NormPlan, plain_dense
+from grad_guard.core.norm_plan import (
+    LOW_PRECISION,
+    ForeachList,
+    LayerSlices,
+    NormPlan,
+    StalePlan,
+    plain_dense,
+)
 
 _LOW_PRECISION = LOW_PRECISION
 
@@ -221,8 +228,10 @@ class GradientStatsComputer:
         try:
             layer_norms = plan.norms(present)
         except (NotImplementedError, RuntimeError):
-            # a gradient changed its layout (turned sparse, say): plan again next time
+            # a gradient changed its layout (turned sparse) or the model was cast or
+            # moved (StalePlan): the general path now, a new plan next time
             self._plans.clear()
+            self._all_plan = None
             return None
         return GradientStats(
             layer_names=self.layer_names,
@@ -300,7 +309,11 @@ class GradientStatsComputer:
         if self._planned:
             if self._all_plan is None:
                 self._all_plan = self._plan((True,) * len(self._flat))
-            return self._all_plan.norms(tensors)
+            try:
+                return self._all_plan.norms(tensors)
+            except StalePlan:  # the model was cast or moved since: plan again
+                self._all_plan = self._plan((True,) * len(self._flat))
+                return self._all_plan.norms(tensors)
         per_layer, start = [], 0
         for layer in self.layers:
             per_layer.append(list(tensors[start : start + len(layer.params)]))
