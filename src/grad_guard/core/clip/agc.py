@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     dist = None  # type: ignore[assignment]
     DTensor = None  # type: ignore[assignment,misc]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from grad_guard.core.norm_plan import LOW_PRECISION as _LOW_PRECISION
 
 
 @dataclass(frozen=True)
