@@ -47,7 +47,10 @@ PRECISIONS = (
 PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 """Lightning's short precision names and what it turns them into."""
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` that takes an int >= ``minimum`` and says so otherwise."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -84,14 +87,14 @@ def _add_report_options(report: argparse.ArgumentParser) -> None:
     )
     report.add_argument(
         "--window",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=20,
         metavar="N",
         help="logged steps in the gradient-flow chart (default 20)",
     )
     report.add_argument(
         "--max-rows",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=40,
         metavar="N",
         help="most table rows printed; all go to the JSON (default 40)",

@@ -20,8 +20,9 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from grad_guard.cli import int_at_least
 from grad_guard.demo.experiments import default_experiments
 from grad_guard.demo.settings import (
     DEFAULT_OUT,
@@ -66,19 +67,6 @@ numbers do not depend on --jobs or the core count.
 Needs the demo extra: pip install "grad-guard[demo]" (scikit-learn, matplotlib, rich)."""
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _row_list() -> str:
     lines = []
     for exp in default_experiments():
@@ -114,35 +102,35 @@ def add_options(target: argparse.ArgumentParser) -> None:
     )
     add(
         "--steps",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=f"optimizer steps per run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)",
     )
     add(
         "--seeds",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=f"seeds per row (default {DEFAULT_SEEDS}, {QUICK_SEEDS} with --quick)",
     )
     add(
         "--seed",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=0,
         metavar="N",
         help="first seed; the rows train with seeds N, N+1, ... (default 0)",
     )
     add(
         "--depth",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=None,
         metavar="N",
         help="layers of the sigmoid, tanh and residual rows (default 20)",
     )
     add(
         "--jobs",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help="runs trained side by side in worker processes (default: the cores, at most "
