@@ -86,6 +86,8 @@ class GuardSession:
                 f"({type(known).__name__} and {type(callback).__name__}); keep one"
             )
         self.callbacks[role] = callback
+        if self.engine is not None:  # a new fit: unhook the old engine from its optimizers
+            self.engine.reset()
         self.engine = None  # rebuilt from all parts at the first step
 
     def part(self, role: str) -> Any:

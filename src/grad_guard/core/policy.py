@@ -132,7 +132,6 @@ class AnomalyPolicy:
         self.events: list[AnomalyEvent] = []
         self.events_dropped = 0
         self._warned = WarnedLayers()
-        self._streaks: dict[str, int] = {}
 
     def needs_host_decision(self, dropping_folded: bool) -> bool:
         """Whether every step must be read on the host to act in time.
@@ -211,7 +210,6 @@ class AnomalyPolicy:
                 )
                 decision.warnings.append(decision.stop_reason)
         self.counts["skipped_steps"] += dropped
-        self._streaks[label] = streak
         if decision.stop_reason is not None:
             pass
         elif "stop" in decision.actions:
@@ -226,13 +224,6 @@ class AnomalyPolicy:
             if streak - dropped < self.max_consecutive_skips:  # crossed the limit now
                 decision.warnings.append(decision.stop_reason)
         return decision
-
-    def record(self, event: AnomalyEvent) -> None:
-        """Keep an event made outside the rules (a rollback, say)."""
-        if len(self.events) < self.max_events:
-            self.events.append(event)
-        else:
-            self.events_dropped += 1
 
     def annotate(self, decision: Decision, event: AnomalyEvent, **changes: Any) -> AnomalyEvent:
         """Replace ``event`` (in :attr:`events` and ``decision``) by a copy with ``changes``."""
@@ -252,7 +243,6 @@ class AnomalyPolicy:
             "counts": dict(self.counts),
             "events": [event.to_dict() for event in self.events],
             "events_dropped": self.events_dropped,
-            "consecutive_skips": dict(self._streaks),
             "warned": self._warned.state_dict(),
         }
 
@@ -261,11 +251,6 @@ class AnomalyPolicy:
         self.counts = {name: int(counts.get(name, 0)) for name in COUNTERS}
         self.events = [AnomalyEvent.from_dict(e) for e in state.get("events", [])]
         self.events_dropped = int(state.get("events_dropped", 0))
-        self._streaks = {str(k): int(v) for k, v in state.get("consecutive_skips", {}).items()}
         self._warned.load_state_dict(state.get("warned", {}))
         if self.recovery is not None and state.get("recovery"):
             self.recovery.load_state_dict(state["recovery"])
-
-    def streak(self, label: str) -> int:
-        """Dropped steps in a row for ``label``, as of the last read."""
-        return self._streaks.get(label, 0)
