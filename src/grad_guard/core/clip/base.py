@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._foreach_utils import _has_foreach_support
 
-from grad_guard.core.norm_plan import LOW_PRECISION, ForeachList
+from grad_guard.core.clip.result import NORM_EPS, ClipResult, norm_coefficient, state_tensor
+from grad_guard.core.clip.scaling import plain_norms, scale_grads_
 from grad_guard.core.stats import (
     GradientStats,
     LayerNormComputer,
@@ -37,35 +36,17 @@ from grad_guard.core.stats import (
     total_from_layer_norms,
 )
 
-_LOW_PRECISION = LOW_PRECISION
-
-#: Added to the norm in the coefficient ``threshold / (norm + EPS)``, as torch does.
-NORM_EPS = 1e-6
-
-
-@dataclass
-class ClipResult:
-    """What one clipping step did. Every field is a scalar tensor on the gradients' device.
-
-    Attributes:
-        pre_norm: total p-norm of the gradients before clipping.
-        post_norm: total p-norm after clipping.
-        threshold: the bound in force this step: a total norm for ``NormClip``,
-            ``AutoClip`` and ``ZClip`` (``inf`` while nothing can be clipped, e.g. during
-            ZClip's warm-up), the per-element bound for ``ValueClip``, the ratio
-            ``clip_factor`` for ``AGC`` (each unit has its own bound).
-        clipped: bool, whether any gradient was changed.
-        coefficient: the one factor the gradients are still to be multiplied by, when
-            :meth:`ClipAlgorithm.clip_` was asked not to apply it (``apply=False``) and
-            the algorithm scales all gradients alike; ``None`` when the gradients were
-            scaled in place.
-    """
-
-    pre_norm: Tensor
-    post_norm: Tensor
-    threshold: Tensor
-    clipped: Tensor
-    coefficient: Tensor | None = None
+# the result and coefficient (clip/result.py) and the in-place scaling (clip/scaling.py),
+# re-exported: the clipping algorithms import them from here
+__all__ = [
+    "NORM_EPS",
+    "ClipAlgorithm",
+    "ClipResult",
+    "norm_coefficient",
+    "plain_norms",
+    "scale_grads_",
+    "state_tensor",
+]
 
 
 def _as_parameters(parameters: nn.Module | Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -74,95 +55,6 @@ def _as_parameters(parameters: nn.Module | Iterable[Tensor] | Tensor) -> list[Te
     if isinstance(parameters, Tensor):
         return [parameters]
     return list(parameters)
-
-
-def scale_grads_(grads: Sequence[Tensor], coefficients: Tensor | Sequence[Tensor]) -> None:
-    """Multiply ``grads`` in place by one coefficient, or by one per gradient.
-
-    Grouped by (device, dtype) so that each group is one ``torch._foreach_mul_`` call;
-    the coefficient is always multiplied in, also when it is 1, because asking whether
-    it is 1 would cost a host-device sync.
-
-    Args:
-        grads: the (local) gradient tensors.
-        coefficients: a scalar tensor, or a sequence of tensors broadcastable to each
-            gradient.
-
-    Example:
-        >>> grads = [torch.ones(2), torch.ones(3)]
-        >>> scale_grads_(grads, torch.tensor(0.5))
-        >>> grads[1]
-        tensor([0.5000, 0.5000, 0.5000])
-    """
-    per_tensor = not isinstance(coefficients, Tensor)
-    if isinstance(grads, ForeachList) and not per_tensor:
-        if grads:  # one dense foreach group, known from the statistics pass
-            torch._foreach_mul_(grads, coefficients.to(grads[0].device))  # type: ignore[union-attr]
-        return
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for i, grad in enumerate(grads):
-        members, coefs = groups.setdefault((grad.device, grad.dtype), ([], []))
-        members.append(grad)
-        if per_tensor:
-            coefs.append(coefficients[i])  # type: ignore[index]
-    for (device, _), (members, coefs) in groups.items():
-        if per_tensor:
-            other: Tensor | list[Tensor] = [c.to(device) for c in coefs]
-        else:
-            other = coefficients.to(device)  # type: ignore[union-attr]
-        if _has_foreach_support(members, device) and not any(g.is_sparse for g in members):
-            torch._foreach_mul_(members, other)
-        else:
-            for j, grad in enumerate(members):
-                grad.mul_(other[j] if per_tensor else other)  # type: ignore[index]
-
-
-def _plain_foreach_group(tensors: Sequence[Tensor]) -> bool:
-    """Whether ``tensors`` are dense, not ``DTensor``, on one device with one dtype."""
-    first = tensors[0]
-    if type(first) is not Tensor and type(first) is not nn.Parameter:
-        return False
-    device, dtype = first.device, first.dtype
-    for t in tensors:
-        if (type(t) is not Tensor and type(t) is not nn.Parameter) or t.is_sparse:
-            return False
-        if t.device != device or t.dtype != dtype:
-            return False
-    return _has_foreach_support(list(tensors), device)
-
-
-def plain_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor | None:
-    """``[len(tensors)]`` norms in one ``torch._foreach_norm`` when the tensors allow it.
-
-    That is: plain dense tensors (no ``DTensor``) on one device, with one dtype. Returns
-    ``None`` otherwise (then :class:`~grad_guard.core.stats.LayerNormComputer` does it).
-    """
-    if not tensors or not _plain_foreach_group(tensors):
-        return None
-    # low-precision norms overflow early (fp16 max is 65504): accumulate in float32
-    dtype = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
-    return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=dtype))
-
-
-def norm_coefficient(
-    norm: Tensor, threshold: Tensor, finite: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(coefficient, clipped)`` that bring a total ``norm`` down to ``threshold``.
-
-    ``coefficient`` is ``threshold / (norm + 1e-6)`` where ``norm > threshold`` and 1
-    elsewhere, including where ``norm`` is NaN or infinite (such gradients are left for
-    the anomaly detector or the GradScaler to drop). Works elementwise on vectors too.
-    ``finite`` is ``torch.isfinite(norm)`` when the caller has it already.
-
-    Example:
-        >>> norm_coefficient(torch.tensor([4.0, 1.0, float("nan")]), torch.tensor(2.0))[1]
-        tensor([ True, False, False])
-    """
-    if finite is None:
-        finite = torch.isfinite(norm)
-    clipped = finite & (norm > threshold)
-    coefficient = torch.where(clipped, threshold / (norm + NORM_EPS), 1.0)
-    return coefficient, clipped
 
 
 class ClipAlgorithm:
@@ -388,8 +280,3 @@ class ClipAlgorithm:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._arguments().items())
         return f"{type(self).__name__}({args})"
-
-
-def state_tensor(value: float, like: Tensor) -> Tensor:
-    """A scalar with ``like``'s device and dtype (a constant threshold, say)."""
-    return torch.full((), value, device=like.device, dtype=like.dtype)
