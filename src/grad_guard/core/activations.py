@@ -47,16 +47,25 @@ and the unhooked variant once each and switches between them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from grad_guard._validation import check_float
+from grad_guard.core.activation_stats import LayerActivations, combine_rows
+from grad_guard.core.forward_hooks import first_tensor, in_backward
 from grad_guard.core.layers import ROOT_LAYER_NAME, Granularity, group_parameters
+
+__all__ = [
+    "RELU_FAMILY",
+    "SATURATING",
+    "ActivationHooks",
+    "LayerActivations",
+    "first_tensor",
+    "in_backward",
+]
 
 # (low, high) bounds of sigmoid-like and tanh-like outputs; Hardtanh reads its own
 _SIGMOID_LIKE: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
@@ -66,58 +75,6 @@ SATURATING: tuple[type[nn.Module], ...] = _SIGMOID_LIKE + _TANH_LIKE
 subclass but belongs to :data:`RELU_FAMILY`)."""
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Threshold)
 """Activation modules that get a ``dead_fraction``."""
-
-
-@dataclass(frozen=True)
-class LayerActivations:
-    """One layer's activation statistics of one logging step (host floats).
-
-    Attributes:
-        mean: mean of the layer's output (NaN or Inf if any output was non-finite).
-        std: standard deviation of the layer's output (population; NaN likewise).
-        nonfinite_fraction: fraction of output elements that were NaN or Inf.
-        saturated_fraction: fraction of the following saturating activation's outputs
-            near its bounds; ``None`` when no saturating activation follows the layer.
-        dead_fraction: fraction of the following ReLU-family activation's units that
-            were 0 for the whole batch; ``None`` when none follows.
-        activation: class name of the activation measured after the layer, if any.
-    """
-
-    mean: float
-    std: float
-    nonfinite_fraction: float
-    saturated_fraction: float | None = None
-    dead_fraction: float | None = None
-    activation: str | None = None
-
-
-def in_backward() -> bool:
-    """Whether the autograd engine is running a backward pass (checkpoint recompute).
-
-    Example:
-        >>> in_backward()
-        False
-    """
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
-def first_tensor(output: Any) -> Tensor | None:
-    """The first floating-point tensor in a module output (tensor, tuple, list or dict).
-
-    Example:
-        >>> first_tensor((torch.ones(2), None)).shape
-        torch.Size([2])
-    """
-    if isinstance(output, Tensor):
-        return output if output.is_floating_point() else None
-    values = output.values() if isinstance(output, dict) else output
-    if isinstance(values, (tuple, list)) or isinstance(output, dict):
-        for value in values:
-            found = first_tensor(value)
-            if found is not None:
-                return found
-    return None
 
 
 def _saturation_limits(module: nn.Module, threshold: float) -> tuple[float, float]:
@@ -299,44 +256,4 @@ class ActivationHooks:
                 width = rows[i][4].numel()
                 host[i] = packed[offset : offset + width]
                 offset += width
-        return _combine(self.layer_names, rows, host)
-
-
-def _combine(
-    names: Sequence[str], rows: Sequence[tuple[int, str, int, str | None, Tensor]], host: Any
-) -> dict[str, LayerActivations]:
-    # layer -> [n, sum, sum of squares, nonfinite count]; (layer, kind) -> [weight, count]
-    outputs: dict[int, list[float]] = {}
-    fractions: dict[tuple[int, str], list[float]] = {}
-    activation: dict[int, str] = {}
-    for (layer, kind, weight, act, _), values in zip(rows, host):
-        if kind == "output":
-            mean, spread, nonfinite = values
-            var = spread * spread / weight
-            acc = outputs.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
-            acc[0] += weight
-            acc[1] += weight * mean
-            acc[2] += weight * (var + mean * mean)
-            acc[3] += nonfinite  # a count
-        else:
-            acc = fractions.setdefault((layer, kind), [0.0, 0.0])
-            acc[0] += weight
-            acc[1] += values[0]  # a count
-            activation.setdefault(layer, act or "")
-    result = {}
-    for layer, name in enumerate(names):
-        if layer not in outputs and layer not in activation:
-            continue
-        n, total, squares, nonfinite = outputs.get(layer, [0.0, math.nan, math.nan, math.nan])
-        mean = total / n if n else math.nan
-        var = squares / n - mean * mean if n else math.nan
-        sat, dead = fractions.get((layer, "saturated")), fractions.get((layer, "dead"))
-        result[name] = LayerActivations(
-            mean=mean,
-            std=math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan,
-            nonfinite_fraction=nonfinite / n if n else math.nan,
-            saturated_fraction=sat[1] / sat[0] if sat else None,
-            dead_fraction=dead[1] / dead[0] if dead else None,
-            activation=activation.get(layer),
-        )
-    return result
+        return combine_rows(self.layer_names, rows, host)
