@@ -3,43 +3,37 @@
 The Lightning callbacks hook ``on_before_optimizer_step``; a hand-written loop calls
 :meth:`GradientGuard.step` at the same point, between ``loss.backward()`` and
 ``optimizer.step()``. Both are thin front ends over the same
-:class:`~grad_guard.core.engine.StepEngine`: this module only turns its outcome into
-warnings, writer calls and a :class:`GuardStep`. No Lightning import.
+:class:`~grad_guard.core.engine.StepEngine`: :mod:`grad_guard.loop.request` builds the
+step's request, :mod:`grad_guard.loop.report` turns the outcome into warnings and writer
+calls, and :meth:`GuardStep.from_outcome` into the result. No Lightning import.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from grad_guard._validation import check_bool, check_instance, check_int
 from grad_guard.core.clip import ClipAlgorithm, ClipShortcut, resolve_algorithm
 from grad_guard.core.detect import DetectionConfig
-from grad_guard.core.engine import StepEngine, StepOutcome, StepRequest
+from grad_guard.core.engine import StepEngine, StepOutcome
 from grad_guard.core.events import (
     AnomalyEvent,
     ExplodingAction,
-    GradientAnomalyWarning,
     LossSpikeAction,
     NonfiniteAction,
     VanishingAction,
 )
-from grad_guard.core.layers import (
-    Granularity,
-    optimizer_layers,
-    optimizer_parameters,
-    parameters_signature,
-)
+from grad_guard.core.layers import Granularity, optimizer_layers
 from grad_guard.core.parts import ClippingPart, MonitorPart
 from grad_guard.core.policy import AnomalyPolicy
-from grad_guard.core.rollback import RecoveryTargets, RollbackConfig
+from grad_guard.core.rollback import RollbackConfig
 from grad_guard.core.stats import validate_norm_type
-from grad_guard.loggers import custom_scalars_layout, layout_for_parts, write_to
+from grad_guard.loop.report import check_writer, warn_outcome, write_outcome
+from grad_guard.loop.request import loop_request
 from grad_guard.loop.result import GuardStep
 from grad_guard.loop.unwrap import unwrap_model
 
@@ -52,35 +46,18 @@ class GradientGuard:
 
     1. reads every layer's gradient once (per-layer norms, total norm, NaN/Inf flags);
     2. runs the anomaly rules of :class:`~grad_guard.GradientAnomalyDetection` on the
-       device and acts: ``"skip"`` sets the gradients to ``None`` (so momentum and
-       weight decay do not move the weights either) and returns ``should_step=False``
-       (with a fused optimizer the skip is folded into its kernel instead, see below);
-       ``"stop"`` returns ``should_stop=True``; ``"raise"`` raises
-       :class:`~grad_guard.GradientAnomalyError`; ``"warn"`` warns once per layer until it
-       recovers;
-    3. clips with ``clipping`` (any :class:`~grad_guard.core.clip.ClipAlgorithm`); with
-       a fused optimizer (``fused=True`` Adam, AdamW, SGD) a one-factor clip and the
-       skip are folded into the optimizer's own kernel (its ``grad_scale`` and
-       ``found_inf``): no extra pass over the gradients and no host sync. Then call
-       ``optimizer.step()`` whatever ``should_step`` says (the kernel drops a skipped
-       step), and pass ``fold_into_optimizer=False`` if something between this call and
-       ``optimizer.step()`` must see the clipped gradients;
-    4. every ``log_every_n_steps`` steps writes the same tags as the Lightning callbacks:
-       ``grad_norm/<layer>``, ``param_norm/<layer>``, ``grad_to_param/<layer>``,
-       ``update_ratio/<layer>`` (measured at the next call, once the optimizer has moved
-       the weights, and written with the next logging step or by :meth:`flush`),
-       ``grad_guard/total_grad_norm`` (pre-clip), ``grad_guard/clip/{pre_norm,
-       post_norm, threshold, clipped_fraction}``, ``grad_guard/anomalies/<kind>`` and
-       ``grad_guard/skipped_steps``.
+       device and acts: ``"skip"`` sets the gradients to ``None`` and returns
+       ``should_step=False``, ``"stop"`` returns ``should_stop=True``, ``"raise"``
+       raises :class:`~grad_guard.GradientAnomalyError`, ``"warn"`` warns once per layer
+       until it recovers;
+    3. clips with ``clipping``; with a fused optimizer (``fused=True`` Adam, AdamW, SGD)
+       a one-factor clip and the skip are folded into its kernel, so call
+       ``optimizer.step()`` whatever ``should_step`` says;
+    4. every ``log_every_n_steps`` steps writes the same tags as the Lightning callbacks.
 
-    Between logging steps nothing is copied to the host, except one small tensor per
-    step when an action other than ``"warn"`` needs a decision now (the default
-    ``on_nonfinite="skip"`` does; a GradScaler makes the same check).
-
-    Use one guard per optimizer. With a ``GradScaler``, call ``scaler.unscale_(optimizer)``
-    first, as for ``clip_grad_norm_`` (an fp16 overflow is then reported as non-finite;
-    the scaler would skip that step anyway). Under DDP every rank holds the same
-    all-reduced gradients and takes the same decisions; give the writer to rank 0 only.
+    Use one guard per optimizer; with a ``GradScaler``, call ``scaler.unscale_(optimizer)``
+    first; under DDP give the writer to rank 0 only. Each stage in detail (the tags, the
+    fused fold, when the host is asked): ``docs/gradient_guard.md``.
 
     Args:
         model: the model (a Fabric-wrapped, DDP-wrapped or compiled model is unwrapped, so
@@ -115,7 +92,8 @@ class GradientGuard:
         log_update_ratio: also write ``update_ratio`` (copies the weights on logging
             steps).
         fold_into_optimizer: fold clipping and skipping into a fused optimizer's kernel
-            (default ``True``); ``False`` multiplies the gradients in place.
+            (default ``True``); ``False`` multiplies the gradients in place, for code
+            between this call and ``optimizer.step()`` that must see them clipped.
         rollback: snapshots and limits of the ``"rollback"`` action (a
             :class:`~grad_guard.core.rollback.RollbackConfig`); a rollback restores the
             ``model`` and ``optimizer`` given here, in place.
@@ -179,14 +157,7 @@ class GradientGuard:
             raise ValueError(f"`model` must be a torch.nn.Module, got {model!r}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer or None, got {optimizer!r}")
-        if writer is not None and not (
-            callable(getattr(writer, "add_scalar", None))
-            or callable(getattr(writer, "log_metrics", None))
-        ):
-            raise ValueError(
-                "`writer` must be a SummaryWriter (has `add_scalar`), a logger (has "
-                f"`log_metrics`) or None, got {writer!r}"
-            )
+        check_writer(writer)
         if isinstance(detection, bool):
             config = DetectionConfig() if detection else None
         elif isinstance(detection, DetectionConfig):
@@ -268,22 +239,13 @@ class GradientGuard:
         step = self.steps if step is None else int(step)
         self.steps += 1
         self._engine.after_step(0)  # the optimizer has stepped since the last call
-        outcome = self._engine.step(self._request(step, loss, batch_index))
-        self._emit(outcome)
-        stats, clip = outcome.stats, outcome.clip
-        total = stats.total_norm if stats is not None else torch.zeros(())
-        return GuardStep(
-            step=step,
-            should_step=not outcome.skipped,
-            should_stop=outcome.should_stop,
-            pre_clip_norm=total,
-            post_clip_norm=clip.post_norm if clip is not None else total,
-            clip_threshold=clip.threshold if clip is not None else None,
-            events=outcome.decision.events,
-            stats=stats,
-            folded=outcome.folded,
-            restored_step=outcome.restored_step,
+        logging = step % self.log_every_n_steps == 0
+        request = loop_request(
+            self.model, self.optimizer, step, loss, batch_index, logging, self.fold_into_optimizer
         )
+        outcome = self._engine.step(request)
+        self._emit(outcome)
+        return GuardStep.from_outcome(step, outcome)
 
     def flush(self) -> None:
         """Write what is still pending: the last update ratios and ``"warn"``-only flags.
@@ -314,61 +276,12 @@ class GradientGuard:
 
     # ------------------------------------------------------------------ internals
 
-    def _request(self, step: int, loss: Tensor | None, batch_index: int | None) -> StepRequest:
-        groups = self.optimizer.param_groups if self.optimizer is not None else None
-        params = (
-            optimizer_parameters(groups)
-            if groups is not None
-            else [p for p in self.model.parameters() if p.requires_grad]
-        )
-        return StepRequest(
-            module=self.model,
-            key=0,
-            label="",
-            layers=lambda granularity: optimizer_layers(self.model, groups, granularity),
-            signature=parameters_signature(groups) if groups is not None else len(params),
-            params=params,
-            step=step,
-            log_step=step,
-            logging=step % self.log_every_n_steps == 0,
-            optimizer=self.optimizer if self.fold_into_optimizer else None,
-            loss=loss.detach() if isinstance(loss, Tensor) else None,
-            batch_index=batch_index,
-            targets=lambda: RecoveryTargets(
-                modules=[self.model],
-                optimizers=[self.optimizer] if self.optimizer is not None else [],
-            ),
-        )
-
     def _emit(self, outcome: StepOutcome) -> None:
         """Warn, write and remember what the engine decided (after it acted)."""
         self.should_stop = self.should_stop or outcome.should_stop
-        if outcome.error is not None:
-            warnings.warn(
-                f"grad_guard: this step's checks failed and were skipped "
-                f"({type(outcome.error).__name__}: {outcome.error}); the gradients were left "
-                "as they are. Training continues.",
-                stacklevel=3,
-            )
-        for message in outcome.decision.warnings:
-            warnings.warn(message, GradientAnomalyWarning, stacklevel=3)
+        warn_outcome(outcome)
         if self.writer is None:
             return
-        try:
-            self._write_layout()
-            for log_step, metrics in outcome.metrics:
-                write_to(self.writer, metrics, log_step)
-        except Exception as err:  # logging must never kill training
-            warnings.warn(
-                f"grad_guard: logging failed this step and was skipped "
-                f"({type(err).__name__}: {err}). Training continues.",
-                stacklevel=3,
-            )
-
-    def _write_layout(self) -> None:
-        if self._layout_written:
-            return
+        layout = None if self._layout_written else (self.monitor, self.detection, self.clipping)
         self._layout_written = True
-        if callable(getattr(self.writer, "add_custom_scalars", None)):
-            charts = layout_for_parts(self.monitor, self.detection, self.clipping)
-            self.writer.add_custom_scalars(custom_scalars_layout(charts))
+        write_outcome(self.writer, outcome, layout)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from grad_guard.core.events import AnomalyEvent
 from grad_guard.core.stats import GradientStats
+from grad_guard.core.step import StepOutcome
 
 
 @dataclass
@@ -44,3 +46,21 @@ class GuardStep:
     stats: GradientStats | None = field(default=None, repr=False)
     folded: bool = False
     restored_step: int | None = None
+
+    @classmethod
+    def from_outcome(cls, step: int, outcome: StepOutcome) -> GuardStep:
+        """What the engine's ``outcome`` of step ``step`` means for the loop."""
+        stats, clip = outcome.stats, outcome.clip
+        total = stats.total_norm if stats is not None else torch.zeros(())
+        return cls(
+            step=step,
+            should_step=not outcome.skipped,
+            should_stop=outcome.should_stop,
+            pre_clip_norm=total,
+            post_clip_norm=clip.post_norm if clip is not None else total,
+            clip_threshold=clip.threshold if clip is not None else None,
+            events=outcome.decision.events,
+            stats=stats,
+            folded=outcome.folded,
+            restored_step=outcome.restored_step,
+        )
