@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from grad_guard.core.aftermath import Aftermath, nonfinite_parameter
+from grad_guard.core.clip.base import scale_grads_
 from grad_guard.core.detect import GradientAnomalyDetector, judged_for_vanishing
 from grad_guard.core.events import GradientAnomalyError
 from grad_guard.core.fused import FusedFold, is_fused
@@ -118,6 +119,9 @@ class StepEngine:
         outcome.stats = primary
         fold = track.fold is not None and request.fold_allowed
 
+        needs_now = policy is not None and policy.needs_host_decision(fold)
+        # read on the host anyway: the clip factor rides along, 1.0 is not multiplied in
+        defer = not fold and (needs_now or request.logging)
         drop_now = None
         clipper = None
         try:
@@ -126,24 +130,24 @@ class StepEngine:
                 clipper = self.clipping.for_key(request.key, request.first)
                 clipper.process_group = request.process_group
                 clip_stats = stats[self.pass_key(self.clipping)]
-                outcome.clip = clipper.clip_stats(clip_stats, apply=not fold)
+                outcome.clip = clipper.clip_stats(clip_stats, apply=not (fold or defer))
             if fold and track.fold is not None:
                 coefficient = outcome.clip.coefficient if outcome.clip is not None else None
                 track.fold.set(coefficient, drop_now)
                 outcome.folded = True
             if drop_now is not None and track.dropped is not None and track.streak is not None:
-                track.dropped += drop_now
-                track.streak = torch.where(drop_now, track.streak + 1, 0)
+                track.dropped = track.dropped + drop_now
+                track.streak = (track.streak + 1) * drop_now
         except Exception as err:  # still join the read below: other ranks wait in it
             outcome.error = err
             outcome.clip = None
 
-        needs_now = policy is not None and policy.needs_host_decision(fold)
         if not (needs_now or request.logging):
             outcome.skipped = None if fold and drop_now is not None else False
             self.aftermath.cool_down(self.detection, request)
             return outcome
-        values = read_step(self, track, request, primary, outcome.clip, clipper)
+        deferred = outcome.clip.coefficient if defer and outcome.clip is not None else None
+        values = read_step(self, track, request, primary, outcome.clip, clipper, deferred)
         if track.detector is not None and policy is not None and outcome.error is None:
             findings = track.detector.decode(values["detection"][:-2])
             track.detector.clear_pending()
@@ -160,6 +164,8 @@ class StepEngine:
             outcome.healthy = not (findings.any_now or findings.amp_now)
         self.aftermath.start_trace(request, outcome)
         self._act(track, request, outcome, fold)
+        if deferred is not None and not outcome.skipped and values["coefficient"][0] != 1.0:
+            scale_grads_(clip_stats.grads, deferred)
         self.aftermath.recover(self, request, outcome)
         if request.logging and outcome.error is None:
             report_step(self, track, request, primary, outcome, values)
@@ -262,13 +268,13 @@ class StepEngine:
         if detector.now is None:
             return None
         if track.drop_mask is None:
-            device = detector.now.device
-            track.drop_mask = torch.tensor(policy.dropping, dtype=torch.bool, device=device)
-            track.dropped = torch.zeros((), dtype=torch.long, device=device)
-            track.streak = torch.zeros((), dtype=torch.long, device=device)
+            now = detector.now
+            track.drop_mask = torch.tensor(policy.dropping, dtype=now.dtype, device=now.device)
+            track.dropped = torch.zeros((), dtype=now.dtype, device=now.device)
+            track.streak = torch.zeros((), dtype=now.dtype, device=now.device)
         if not any(policy.dropping):
             return None
-        return (detector.now & track.drop_mask).any()
+        return torch.dot(detector.now, track.drop_mask) > 0
 
     def _act(self, track: OptimizerTrack, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
         actions = outcome.decision.actions

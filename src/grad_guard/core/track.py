@@ -62,9 +62,15 @@ def read_step(
     stats: GradientStats,
     clip: ClipResult | None,
     clipper: Any,
+    coefficient: Tensor | None = None,
 ) -> dict[str, list[float]]:
-    """One host copy of everything this step reports (flags always, figures when logging)."""
+    """One host copy of everything this step reports (flags always, figures when logging).
+
+    ``coefficient``: a clip factor not multiplied in yet, read as ``values["coefficient"]``.
+    """
     packet = HostPacket()
+    if coefficient is not None:
+        packet.add("coefficient", coefficient)
     reduce = {}
     if track.detector is not None:
         packet.add("detection", detection_packet(track))

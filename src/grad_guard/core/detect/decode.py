@@ -44,8 +44,10 @@ def decode_findings(
             names ``steps[-a]``).
         updates: how many updates the flags cover.
     """
-    num_layers = len(layer_names)
     scalars = values[:NUM_SCALARS]
+    if not any(scalars[S_COUNT : S_COUNT + len(KINDS)]) and not scalars[S_AMP_COUNT]:
+        return _nothing(updates)  # the common case: one look at five slots
+    num_layers = len(layer_names)
     blocks = values[NUM_SCALARS:]
     kinds = []
     for k, kind in enumerate(KINDS):
@@ -94,3 +96,11 @@ def decode_findings(
         amp_now=scalars[S_AMP_NOW] > 0.5,
         updates=updates,
     )
+
+
+def _nothing(updates: int) -> Findings:
+    """The :class:`Findings` of a read in which no rule fired."""
+    kinds = (
+        KindFindings(kind, 0, None, False, (), (), (), None, "") for kind in KINDS
+    )
+    return Findings(*kinds, amp_overflows=0, amp_now=False, updates=updates)

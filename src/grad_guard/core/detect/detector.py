@@ -86,7 +86,7 @@ class GradientAnomalyDetector:
         self._present_masks: dict[tuple[bool, ...], Tensor] = {}
         self.steps: list[int] = []  # steps covered by the pending flags
         self.updates = 0
-        #: ``[NUM_KINDS]`` bool device tensor: which rules fired on the latest update
+        #: ``[NUM_KINDS]`` float device tensor (0/1): which rules fired on the latest update
         self.now: Tensor | None = None
 
     @property
@@ -233,16 +233,15 @@ class GradientAnomalyDetector:
                 loss_now = loss_now | loss_by_spike
             loss_value = torch.nan_to_num(loss_value, nan=math.inf)
 
-        now = torch.stack([nonfinite_now, exploding_now, vanishing_now_layers.any(), loss_now])
         self._pending.add(
-            now,
-            torch.stack([zero, threshold, vanishing_threshold, loss_threshold]),
+            (nonfinite_now, exploding_now, vanishing_now_layers.any(), loss_now),
+            (zero, threshold, vanishing_threshold, loss_threshold),
             amp,
-            torch.stack([total, by_spike, by_ratio, loss_value, loss_by_spike]),
-            torch.stack([nonfinite, exploding_layers, vanishing_now_layers]),
+            (total, by_spike, by_ratio, loss_value, loss_by_spike),
+            (nonfinite, exploding_layers, vanishing_now_layers),
             norms,
         )
-        self.now = now
+        self.now = self._pending.now
 
     def _here(self, tensor: Tensor) -> Tensor:
         """``tensor`` on the detector's device, in its dtype (no op when it already is)."""
