@@ -9,7 +9,12 @@ same engine, which the ``Trainer.fit`` comparison at the end measures end to end
 Candidates (per model):
 - ``clip_grad_norm_``: what most loops already pay every step (read + multiply).
 - ``GradGuard defaults, non-logging``: ZClip + detection with skip armed, non-fused
-  optimizer: one stats pass, the rules, the multiply, one tiny flag read.
+  optimizer: one stats pass, the rules, one tiny read (skip needs it) that carries the
+  clip factor too; an unclipped step (ZClip clips spikes only) multiplies nothing.
+- ``... clipped every step``: the same when the factor is below 1 (``NormClip``
+  with a limit under the norm): the multiply after the read.
+- ``... no action armed``: ``on_nonfinite="warn"``: no read at all, so the factor is
+  always multiplied in, as ``clip_grad_norm_`` does.
 - ``GradGuard defaults + fused AdamW``: the same with the clip and skip folded into the
   fused kernel: one read of the gradients, no multiply, no host sync.
 - ``logging step + update ratio``: everything reported in one host copy, plus the
@@ -30,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grad_guard import GradGuard, GradientGuard
+from grad_guard import GradGuard, GradientGuard, NormClip
 
 
 def mlp(width: int = 350, depth: int = 100) -> nn.Module:
@@ -71,9 +76,11 @@ def bench(name: str, model: nn.Module, rounds: int) -> dict[str, float]:
     sgd = torch.optim.SGD(params, lr=1e-3)
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
     plain = GradientGuard(model, sgd)
+    clipped = GradientGuard(model, sgd, clipping=NormClip(1e-4))
+    unarmed = GradientGuard(model, sgd, on_nonfinite="warn")
     folded = GradientGuard(model, fused)
     logging = GradientGuard(model, sgd, log_every_n_steps=1, writer=_writer())
-    counter = {"plain": 0, "folded": 0}
+    counter = {"plain": 0, "clipped": 0, "unarmed": 0, "folded": 0}
 
     def guard_step(guard: GradientGuard, key: str) -> Callable[[], None]:
         def run() -> None:
@@ -91,6 +98,8 @@ def bench(name: str, model: nn.Module, rounds: int) -> dict[str, float]:
     candidates: dict[str, Callable[[], Any]] = {
         "clip_grad_norm_": lambda: (torch.nn.utils.clip_grad_norm_(params, 1.0), restore()),
         "GradGuard defaults, non-logging": guard_step(plain, "plain"),
+        "  ... clipped every step (NormClip)": guard_step(clipped, "clipped"),
+        "  ... no action armed (no read)": guard_step(unarmed, "unarmed"),
         "GradGuard defaults + fused AdamW": guard_step(folded, "folded"),
         "logging step + update ratio": logging_step,
     }

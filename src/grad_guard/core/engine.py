@@ -17,6 +17,12 @@ calls :meth:`StepEngine.step` between the backward pass and ``optimizer.step()``
    before anything that can raise;
 6. **metrics** of a logging step, as tag -> float.
 
+Steps 1-5 up to the decision run under ``torch.inference_mode()`` when every parameter is
+a plain tensor (``no_grad`` for ``DTensor``, which does not support it): the small tensor
+ops of the rules cost less there (no autograd bookkeeping), and nothing they make is
+modified in place outside it. What touches the user's objects (dropping gradients,
+multiplying in a clip factor read on the host, rollbacks) runs after it.
+
 The engine never imports Lightning; front ends only translate its outcome.
 """
 
@@ -24,27 +30,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from grad_guard.core.aftermath import Aftermath, nonfinite_parameter
 from grad_guard.core.clip.base import scale_grads_
-from grad_guard.core.detect import GradientAnomalyDetector, judged_for_vanishing
 from grad_guard.core.events import GradientAnomalyError
-from grad_guard.core.fused import FusedFold, is_fused
-from grad_guard.core.layers import Granularity
 from grad_guard.core.packet import HostPacket
 from grad_guard.core.parts import ClippingPart, MonitorPart
 from grad_guard.core.policy import AnomalyPolicy
-from grad_guard.core.stats import GradientStats, GradientStatsComputer
 from grad_guard.core.step import StepOutcome, StepRequest
+from grad_guard.core.step_report import read_step, report_step, report_update
 from grad_guard.core.track import (
+    DEFAULT_PART,
     OptimizerTrack,
     PassKey,
+    build_track,
+    decide_read,
     detection_packet,
-    read_step,
-    report_step,
-    report_update,
+    pass_key,
+    update_rules,
 )
 
 __all__ = ["StepEngine", "StepOutcome", "StepRequest"]
@@ -59,6 +61,7 @@ class StepEngine:
         clipping: the clipping part, or ``None``.
 
     Example:
+        >>> import torch
         >>> from torch import nn
         >>> from grad_guard.core.clip import NormClip
         >>> from grad_guard.core.layers import group_parameters
@@ -109,69 +112,80 @@ class StepEngine:
             return outcome
         self.aftermath.finish_trace(self.detection)
         track = self._track(request)
-        with torch.no_grad():
-            stats = {
-                key: computer(grad_scale=request.grad_scale)
-                for key, computer in track.computers.items()
-            }
-        self.passes += len(stats)
-        primary = stats[self._primary_key()]
-        outcome.stats = primary
         fold = track.fold is not None and request.fold_allowed
-
         needs_now = policy is not None and policy.needs_host_decision(fold)
-        # read on the host anyway: the clip factor rides along, 1.0 is not multiplied in
+        with track.device_mode():
+            values, deferred = self._on_device(track, request, outcome, fold, needs_now)
+        if values is None:
+            self.aftermath.cool_down(self.detection, request)
+            return outcome
+        self.aftermath.start_trace(request, outcome)
+        self._act(request, outcome, fold)
+        if deferred is not None and not outcome.skipped and values["coefficient"][0] != 1.0:
+            scale_grads_(*deferred)  # (gradients, factor)
+        self.aftermath.recover(self, request, outcome)
+        if request.logging and outcome.error is None:
+            report_step(self, track, request, outcome.stats, outcome, values)
+        if not outcome.skipped:  # a dropped step uses no learning rate
+            self.aftermath.cool_down(self.detection, request)
+        return outcome
+
+    def _on_device(
+        self,
+        track: OptimizerTrack,
+        request: StepRequest,
+        outcome: StepOutcome,
+        fold: bool,
+        needs_now: bool,
+    ) -> tuple[dict[str, list[float]] | None, Any]:
+        """Statistics, rules, clip, and (when due) the host read and the decision.
+
+        Returns the host values (``None``: no read this step) and ``(gradients, clip
+        factor)`` left for the caller to multiply in, or ``None``: a step read on the
+        host anyway has its factor read too, and 1.0 is not multiplied in.
+        """
+        stats = {
+            key: computer(grad_scale=request.grad_scale)
+            for key, computer in track.computers.items()
+        }
+        self.passes += len(stats)
+        primary = stats[pass_key(self.monitor or self.detection or self.clipping or DEFAULT_PART)]
+        outcome.stats = primary
+        policy = self.detection
         defer = not fold and (needs_now or request.logging)
-        drop_now = None
-        clipper = None
+        drop_now = clipper = grads = None
         try:
-            drop_now = self._detect(track, request, stats)
+            if policy is not None:
+                drop_now = update_rules(track, policy, request, stats[pass_key(policy)])
             if self.clipping is not None:
                 clipper = self.clipping.for_key(request.key, request.first)
                 clipper.process_group = request.process_group
-                clip_stats = stats[self.pass_key(self.clipping)]
+                clip_stats = stats[pass_key(self.clipping)]
                 outcome.clip = clipper.clip_stats(clip_stats, apply=not (fold or defer))
+                grads = clip_stats.grads
             if fold and track.fold is not None:
                 coefficient = outcome.clip.coefficient if outcome.clip is not None else None
                 track.fold.set(coefficient, drop_now)
                 outcome.folded = True
-            if drop_now is not None and track.dropped is not None and track.streak is not None:
-                track.dropped = track.dropped + drop_now
-                track.streak = (track.streak + 1) * drop_now
         except Exception as err:  # still join the read below: other ranks wait in it
             outcome.error = err
             outcome.clip = None
-
         if not (needs_now or request.logging):
             outcome.skipped = None if fold and drop_now is not None else False
-            self.aftermath.cool_down(self.detection, request)
-            return outcome
-        deferred = outcome.clip.coefficient if defer and outcome.clip is not None else None
-        values = read_step(self, track, request, primary, outcome.clip, clipper, deferred)
+            return None, None
+        factor = outcome.clip.coefficient if defer and outcome.clip is not None else None
+        values = read_step(self, track, request, primary, outcome.clip, clipper, factor)
         if track.detector is not None and policy is not None and outcome.error is None:
-            findings = track.detector.decode(values["detection"][:-2])
-            track.detector.clear_pending()
-            dropped, streak = (round(v) for v in values["detection"][-2:])
-            if track.dropped is not None:
-                track.dropped.zero_()
-            outcome.decision = policy.decide(
-                findings,
+            computer = track.computers[pass_key(policy)]
+            findings, outcome.decision = decide_read(
+                track,
+                policy,
+                values["detection"],
                 request.label,
-                dropped,
-                streak,
-                nonfinite_parameter=lambda: nonfinite_parameter(track.computers[self.pass_key(policy)], request.reduce),
+                nonfinite_parameter=lambda: nonfinite_parameter(computer, request.reduce),
             )
             outcome.healthy = not (findings.any_now or findings.amp_now)
-        self.aftermath.start_trace(request, outcome)
-        self._act(track, request, outcome, fold)
-        if deferred is not None and not outcome.skipped and values["coefficient"][0] != 1.0:
-            scale_grads_(clip_stats.grads, deferred)
-        self.aftermath.recover(self, request, outcome)
-        if request.logging and outcome.error is None:
-            report_step(self, track, request, primary, outcome, values)
-        if not outcome.skipped:  # a dropped step uses no learning rate
-            self.aftermath.cool_down(self.detection, request)
-        return outcome
+        return values, (None if factor is None else (grads, factor))
 
     def after_step(self, key: Any) -> None:
         """Call after ``optimizer.step()``: measures the update of a logging step."""
@@ -182,7 +196,8 @@ class StepEngine:
         if track is None or track.snapshot is None:
             return
         snapshot, track.snapshot = track.snapshot, None
-        track.pending_update = snapshot.measure()
+        with track.device_mode():  # the snapshot was made there
+            track.pending_update = snapshot.measure()
 
     def flush(self, key: Any, label: str) -> StepOutcome:
         """Read what is pending for optimizer ``key``: lazy flags and update ratios.
@@ -198,85 +213,33 @@ class StepEngine:
         packet = HostPacket()
         pending_flags = track.detector is not None and bool(track.detector.steps)
         pending_flags = pending_flags and track.dropped is not None
-        if pending_flags:
-            packet.add("detection", detection_packet(track))
-        if track.pending_update is not None:
-            packet.add("update", track.pending_update.norms)
-        values = packet.read()
-        if pending_flags and self.detection is not None and track.detector is not None:
-            findings = track.detector.decode(values["detection"][:-2])
-            track.detector.clear_pending()
-            dropped, streak = (round(v) for v in values["detection"][-2:])
-            track.dropped.zero_()  # type: ignore[union-attr]
-            outcome.decision = self.detection.decide(findings, label, dropped, streak, act=False)
+        with track.device_mode():
+            if pending_flags:
+                packet.add("detection", detection_packet(track))
+            if track.pending_update is not None:
+                packet.add("update", track.pending_update.norms)
+            values = packet.read()
+            if pending_flags and self.detection is not None:
+                _, outcome.decision = decide_read(
+                    track, self.detection, values["detection"], label, act=False
+                )
         report_update(self, track, label, values, outcome)
         return outcome
 
     # ------------------------------------------------------------------ internals
 
     def pass_key(self, part: Any) -> PassKey:
-        return (part.granularity, float(part.norm_type))
-
-    def _primary_key(self) -> PassKey:
-        """The pass that is logged and judged: the monitor's, else detection's, else the clipper's."""
-        part = self.monitor or self.detection or self.clipping or _DEFAULT
-        return self.pass_key(part)
+        return pass_key(part)
 
     def _track(self, request: StepRequest) -> OptimizerTrack:
         track = self._tracks.get(request.key)
-        if track is not None and track.signature == request.signature:
-            return track
-        old, track = track, OptimizerTrack(request.signature)
-        parts = [p for p in (self.monitor, self.detection, self.clipping) if p is not None]
-        for part in parts or [_DEFAULT]:
-            key = self.pass_key(part)
-            if key not in track.computers:
-                track.computers[key] = GradientStatsComputer(
-                    request.layers(key[0]), key[1], process_group=request.process_group
-                )
-        if self.detection is not None:
-            computer = track.computers[self.pass_key(self.detection)]
-            track.detector = GradientAnomalyDetector(
-                computer.layer_names, self.detection.config, judged_for_vanishing(computer.layers)
-            )
+        if track is None or track.signature != request.signature:
             saved = self._saved_detectors.pop(request.key, None)
-            if saved is None and old is not None and old.detector is not None:
-                saved = old.detector.state_dict()
-            if saved:
-                track.detector.load_state_dict(saved)
-        if self.clipping is not None and request.module is not None:
-            self.clipping.for_key(request.key, request.first).bind(request.module)
-        if request.optimizer is not None and is_fused(request.optimizer):
-            track.fold = old.fold if old is not None and old.fold is not None else FusedFold(
-                request.optimizer
-            )
-        self._tracks[request.key] = track
+            track = build_track(self, request, track, saved)
+            self._tracks[request.key] = track
         return track
 
-    def _detect(
-        self, track: OptimizerTrack, request: StepRequest, stats: dict[PassKey, GradientStats]
-    ) -> Tensor | None:
-        """Update the rules; return the device flag "drop this step" (``None``: no rule drops)."""
-        detector, policy = track.detector, self.detection
-        if detector is None or policy is None:
-            return None
-        det_stats = stats[self.pass_key(self.detection)]
-        amp = request.amp_overflow
-        if amp is None and request.grad_scale is not None:
-            amp = det_stats.any_nonfinite  # still scaled: an overflow is the scaler's to skip
-        detector.update(det_stats, request.step, amp, request.loss)
-        if detector.now is None:
-            return None
-        if track.drop_mask is None:
-            now = detector.now
-            track.drop_mask = torch.tensor(policy.dropping, dtype=now.dtype, device=now.device)
-            track.dropped = torch.zeros((), dtype=now.dtype, device=now.device)
-            track.streak = torch.zeros((), dtype=now.dtype, device=now.device)
-        if not any(policy.dropping):
-            return None
-        return torch.dot(detector.now, track.drop_mask) > 0
-
-    def _act(self, track: OptimizerTrack, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
+    def _act(self, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
         actions = outcome.decision.actions
         dropping = "skip" in actions or "rollback" in actions
         if dropping and not fold:
@@ -323,11 +286,3 @@ class StepEngine:
             if track.fold is not None:
                 track.fold.remove()
         self._tracks = {}
-
-
-class _Default:
-    granularity: Granularity = "module"
-    norm_type = 2.0
-
-
-_DEFAULT = _Default()

@@ -75,6 +75,14 @@ class NormPlan:
         layer_of = [owners[i] for i in grouped]
         #: every layer is exactly one tensor, in order: the stacked norms are the result
         self.identity = len(self.groups) == 1 and layer_of == list(range(num_layers))
+        #: every layer is ``uniform`` consecutive tensors (a weight and a bias, say): one
+        #: norm over a ``[num_layers, uniform]`` view folds them
+        per_layer = len(layer_of) // num_layers if num_layers else 0
+        self.uniform = (
+            per_layer
+            if per_layer > 1 and layer_of == [i // per_layer for i in range(len(layer_of))]
+            else 0
+        )
         self.index = torch.tensor(layer_of, dtype=torch.long, device=self.device)
 
     def __call__(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -103,6 +111,8 @@ class NormPlan:
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.identity:
             return values
+        if self.uniform:
+            return torch.linalg.vector_norm(values.view(self.num_layers, self.uniform), p, dim=1)
         result = torch.zeros(self.num_layers, device=self.device, dtype=self.acc_dtype)
         if math.isinf(p):
             return result.scatter_reduce_(0, self.index, values, reduce="amax", include_self=True)

@@ -1,20 +1,25 @@
-"""What the engine keeps per optimizer, and the host copy and report of a step."""
+"""What the engine keeps per optimizer: its passes, rules, fold and pending reads.
+
+:func:`build_track` makes a track when an optimizer's parameters first appear (or
+change); :func:`update_rules` runs its anomaly rules on the device each step;
+:func:`decide_read` turns a host copy of the rules' flags into the policy's decision.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grad_guard.core.clip import ClipResult
-from grad_guard.core.detect import GradientAnomalyDetector
-from grad_guard.core.fused import FusedFold
+from grad_guard.core.detect import Findings, GradientAnomalyDetector, judged_for_vanishing
+from grad_guard.core.fused import FusedFold, is_fused
 from grad_guard.core.layers import Granularity
-from grad_guard.core.metrics import step_metrics, update_ratio_metrics
-from grad_guard.core.packet import HostPacket
+from grad_guard.core.policy import AnomalyPolicy, Decision
 from grad_guard.core.stats import GradientStats, GradientStatsComputer
-from grad_guard.core.step import StepOutcome, StepRequest
+from grad_guard.core.step import StepRequest
 from grad_guard.core.update_ratio import UpdateNorms, UpdateSnapshot
 
 PassKey = tuple[Granularity, float]
@@ -35,15 +40,99 @@ class OptimizerTrack:
         self.pending_update: UpdateNorms | None = None
         self.clip_since: tuple[int, Tensor] | None = None  # clipper (steps, clipped) at last log
         self.wanted: tuple[tuple[str, ...], list[bool]] | None = None  # monitor filter, cached
+        self.plain = True  # plain tensors only (no DTensor, no shards): inference_mode works
+
+    def device_mode(self) -> contextlib.AbstractContextManager:
+        """Where the step's device ops run: ``inference_mode`` for plain tensors (cheaper
+        small ops), else ``no_grad`` (``DTensor`` refuses inference tensors)."""
+        return torch.inference_mode() if self.plain else torch.no_grad()
 
 
-def wanted_layers(engine: Any, track: OptimizerTrack, names: tuple[str, ...]) -> list[bool]:
-    """Which of ``names`` the monitor reports (its include/exclude patterns), cached."""
-    if track.wanted is None or track.wanted[0] is not names:
-        monitor = engine.monitor
-        flags = [True] * len(names) if monitor is None else [monitor.wanted(n) for n in names]
-        track.wanted = (names, flags)
-    return track.wanted[1]
+def pass_key(part: Any) -> PassKey:
+    """The statistics pass a part reads: ``(granularity, norm_type)``."""
+    return (part.granularity, float(part.norm_type))
+
+
+def build_track(
+    engine: Any, request: StepRequest, old: OptimizerTrack | None, saved: dict[str, Any] | None
+) -> OptimizerTrack:
+    """A new track for ``request``'s parameters; ``old``'s detector statistics and fused
+    fold carry over (``saved``: detector statistics restored from a checkpoint)."""
+    track = OptimizerTrack(request.signature)
+    parts = [p for p in (engine.monitor, engine.detection, engine.clipping) if p is not None]
+    for part in parts or [DEFAULT_PART]:
+        key = pass_key(part)
+        if key not in track.computers:
+            track.computers[key] = GradientStatsComputer(
+                request.layers(key[0]), key[1], process_group=request.process_group
+            )
+    track.plain = all(computer.planned for computer in track.computers.values())
+    if engine.detection is not None:
+        computer = track.computers[pass_key(engine.detection)]
+        track.detector = GradientAnomalyDetector(
+            computer.layer_names, engine.detection.config, judged_for_vanishing(computer.layers)
+        )
+        if saved is None and old is not None and old.detector is not None:
+            saved = old.detector.state_dict()
+        if saved:
+            track.detector.load_state_dict(saved)
+    if engine.clipping is not None and request.module is not None:
+        engine.clipping.for_key(request.key, request.first).bind(request.module)
+    if request.optimizer is not None and is_fused(request.optimizer):
+        reuse = old is not None and old.fold is not None
+        track.fold = old.fold if reuse else FusedFold(request.optimizer)  # type: ignore[union-attr]
+    return track
+
+
+def update_rules(
+    track: OptimizerTrack,
+    policy: AnomalyPolicy | None,
+    request: StepRequest,
+    stats: GradientStats,
+) -> Tensor | None:
+    """Run the rules on the device; return the flag "drop this step" (``None``: no rule
+    drops), and count drops and the drop streak on the device."""
+    detector = track.detector
+    if detector is None or policy is None:
+        return None
+    amp = request.amp_overflow
+    if amp is None and request.grad_scale is not None:
+        amp = stats.any_nonfinite  # still scaled: an overflow is the scaler's to skip
+    detector.update(stats, request.step, amp, request.loss)
+    if detector.now is None:
+        return None
+    if track.drop_mask is None:
+        now = detector.now
+        track.drop_mask = torch.tensor(policy.dropping, dtype=now.dtype, device=now.device)
+        track.dropped = torch.zeros((), dtype=now.dtype, device=now.device)
+        track.streak = torch.zeros((), dtype=now.dtype, device=now.device)
+    if not any(policy.dropping):
+        return None
+    drop = torch.dot(detector.now, track.drop_mask) > 0
+    track.dropped = track.dropped + drop  # type: ignore[operator]
+    track.streak = (track.streak + 1) * drop  # type: ignore[operator]
+    return drop
+
+
+def decide_read(
+    track: OptimizerTrack,
+    policy: AnomalyPolicy,
+    values: list[float],
+    label: str,
+    act: bool = True,
+    nonfinite_parameter: Callable[[], str | None] | None = None,
+) -> tuple[Findings, Decision]:
+    """The findings in the host copy of :func:`detection_packet` and the policy's
+    decision on them; clears the pending flags and the drop count."""
+    assert track.detector is not None
+    findings = track.detector.decode(values[:-2])
+    track.detector.clear_pending()
+    dropped, streak = (round(v) for v in values[-2:])
+    if track.dropped is not None:
+        track.dropped = torch.zeros_like(track.dropped)
+    return findings, policy.decide(
+        findings, label, dropped, streak, act=act, nonfinite_parameter=nonfinite_parameter
+    )
 
 
 def detection_packet(track: OptimizerTrack) -> Tensor:
@@ -55,105 +144,10 @@ def detection_packet(track: OptimizerTrack) -> Tensor:
     return torch.cat([packed, torch.stack([track.dropped, track.streak]).to(packed)])
 
 
-def read_step(
-    engine: Any,
-    track: OptimizerTrack,
-    request: StepRequest,
-    stats: GradientStats,
-    clip: ClipResult | None,
-    clipper: Any,
-    coefficient: Tensor | None = None,
-) -> dict[str, list[float]]:
-    """One host copy of everything this step reports (flags always, figures when logging).
-
-    ``coefficient``: a clip factor not multiplied in yet, read as ``values["coefficient"]``.
-    """
-    packet = HostPacket()
-    if coefficient is not None:
-        packet.add("coefficient", coefficient)
-    reduce = {}
-    if track.detector is not None:
-        packet.add("detection", detection_packet(track))
-        if request.reduce is not None:  # one collective for all flags and counters
-            reduce = {"detection": request.reduce}
-    if request.logging:
-        packet.add("norms", stats.layer_norms)
-        packet.add("total", stats.total_norm)
-        if engine.monitor is not None and (
-            engine.monitor.log_param_norms or engine.monitor.log_update_ratio
-        ):
-            computer = track.computers[engine.pass_key(engine.monitor)]
-            param_norms = computer.parameter_norms()
-            packet.add("params", param_norms)
-            if engine.monitor.log_update_ratio:
-                track.snapshot = UpdateSnapshot(computer, request.log_step, param_norms)
-        if clip is not None and clipper is not None:
-            last_steps, last_clipped = track.clip_since or (0, clipper.clipped_steps * 0)
-            since = clipper.clipped_steps - last_clipped.to(clipper.clipped_steps.device)
-            device = clip.pre_norm.device
-            packet.add(
-                "clip",
-                torch.stack(
-                    [clip.pre_norm, clip.post_norm, clip.threshold.to(device), since.to(device)]
-                ).float(),
-            )
-            packet.add("clip_steps", torch.tensor([float(clipper.steps - last_steps)]))
-            track.clip_since = (clipper.steps, clipper.clipped_steps)
-        if track.pending_update is not None:
-            packet.add("update", track.pending_update.norms)
-    return packet.read(reduce)
+class _DefaultPart:
+    granularity: Granularity = "module"
+    norm_type = 2.0
 
 
-def report_step(
-    engine: Any,
-    track: OptimizerTrack,
-    request: StepRequest,
-    stats: GradientStats,
-    outcome: StepOutcome,
-    values: dict[str, list[float]],
-) -> None:
-    """The metrics and history values of a logging step, from its host copy."""
-    report_update(engine, track, request.label, values, outcome)
-    names = stats.layer_names
-    wanted = [
-        present and wanted
-        for wanted, present in zip(wanted_layers(engine, track, names), stats.has_grad)
-    ]
-    counts = engine.detection.counts if engine.detection is not None else None
-    metrics = step_metrics(
-        names,
-        wanted,
-        values,
-        label=request.label,
-        monitor=engine.monitor is not None,
-        param_norms=engine.monitor is not None and engine.monitor.log_param_norms,
-        counts=counts,
-    )
-    outcome.metrics.append((request.log_step, metrics))
-    outcome.logged = {
-        "step": request.log_step,
-        "label": request.label,
-        "names": names,
-        "wanted": wanted,
-        "norms": values["norms"],
-        "total": values["total"][0],
-        "params": values.get("params"),
-        "has_grad": stats.has_grad,
-    }
-
-def report_update(
-    engine: Any,
-    track: OptimizerTrack,
-    label: str,
-    values: dict[str, list[float]],
-    outcome: StepOutcome,
-) -> None:
-    """``update_ratio/<layer>`` of the last logging step, once its norms were copied."""
-    pending, track.pending_update = track.pending_update, None
-    if pending is None or "update" not in values or engine.monitor is None:
-        return
-    computer = track.computers[engine.pass_key(engine.monitor)]
-    names = computer.layer_names
-    ratios = pending.ratios(values["update"])
-    wanted = wanted_layers(engine, track, names)
-    outcome.metrics.insert(0, (pending.step, update_ratio_metrics(names, wanted, ratios, label)))
+DEFAULT_PART = _DefaultPart()
+"""The pass made when no part is configured."""

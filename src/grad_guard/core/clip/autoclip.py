@@ -92,7 +92,8 @@ class AutoClip(ClipAlgorithm):
         finite = torch.isfinite(total_norm)
         slot = self.position.view(1)
         kept = self.history.gather(0, slot)
-        self.history.index_copy_(0, slot, torch.where(finite, total_norm.view(1), kept))
+        # out of place: the engine's steps make their tensors under inference_mode
+        self.history = self.history.index_copy(0, slot, torch.where(finite, total_norm.view(1), kept))
         self.position = torch.where(finite, (self.position + 1) % self.window, self.position)
         self.count = self.count + finite.long()
         threshold = nan_percentile(self.history, self.percentile)

@@ -96,6 +96,7 @@ class ZClip(ClipAlgorithm):
         self.mean = torch.zeros(())
         self.var = torch.zeros(())
         self._slots: Tensor | None = None  # warm-up buffer positions
+        self._inf = torch.full((), math.inf)
 
     def _clip(
         self,
@@ -106,7 +107,7 @@ class ZClip(ClipAlgorithm):
     ) -> ClipResult:
         self._follow(total_norm)
         g = total_norm
-        finite = torch.isfinite(g)
+        finite = g < math.inf  # a norm is >= 0: NaN and inf are the non-finite ones
         ready = self.count >= self.warmup_steps
         std = self.var.clamp(min=0).sqrt()
         spread = std + self.eps
@@ -115,9 +116,9 @@ class ZClip(ClipAlgorithm):
         if self.clip_option == "mean":
             target = self.mean
         else:
-            target = torch.addcmul(self.mean, self.z_threshold**2 / z, std)
+            target = torch.addcdiv(self.mean, std, z, value=self.z_threshold**2)
         ordinary = torch.add(self.mean, spread, alpha=self.z_threshold)
-        threshold = torch.where(ready, torch.where(spike, target, ordinary), math.inf)
+        threshold = torch.where(ready, torch.where(spike, target, ordinary), self._inf)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
         coefficient, clipped = norm_coefficient(g, threshold, finite)
@@ -133,8 +134,7 @@ class ZClip(ClipAlgorithm):
         collect = finite & ~ready
         self.warmup = torch.where(collect & (self._slots == self.count), g, self.warmup)
         start = collect & (self.count == self.warmup_steps - 1)
-        first_mean = self.warmup.mean()
-        first_var = (self.warmup - first_mean).square().mean()
+        first_var, first_mean = torch.var_mean(self.warmup, correction=0)
         self.mean = torch.where(start, first_mean, torch.where(update, mean, self.mean))
         self.var = torch.where(start, first_var, torch.where(update, var, self.var))
         self.count = self.count + finite
@@ -154,6 +154,8 @@ class ZClip(ClipAlgorithm):
             self.count = self.count.to(norm.device)
         if self._slots is None or self._slots.device != norm.device:
             self._slots = torch.arange(self.warmup_steps, device=norm.device)
+        if self._inf.device != norm.device or self._inf.dtype != norm.dtype:
+            self._inf = torch.full((), math.inf, dtype=norm.dtype, device=norm.device)
 
     def _state(self) -> dict[str, Tensor]:
         return {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}

@@ -17,10 +17,11 @@ from torch import Tensor
 
 from grad_guard.core.detect.config import DetectionConfig
 from grad_guard.core.detect.decode import decode_findings
+from grad_guard.core.detect.exploding import ExplodingRule
 from grad_guard.core.detect.findings import Findings, packed_size
 from grad_guard.core.detect.pending import PendingFindings
 from grad_guard.core.detect.vanishing import vanishing_layers
-from grad_guard.core.detect.zscore import EMAZScore, RollingZScore
+from grad_guard.core.detect.zscore import RollingZScore
 from grad_guard.core.stats import GradientStats
 
 
@@ -71,13 +72,7 @@ class GradientAnomalyDetector:
             [True] * num_layers if vanishing_judged is None else [bool(j) for j in vanishing_judged]
         )
         c = self.config
-        self._total: RollingZScore | None = None
-        self._layers: EMAZScore | None = None
-        if c.spike_z_threshold is not None:
-            self._total = RollingZScore(c.spike_window, c.spike_z_threshold, c.spike_warmup_steps)
-            self._layers = EMAZScore(
-                num_layers, c.spike_window, c.spike_z_threshold, c.spike_warmup_steps
-            )
+        self._exploding = ExplodingRule(num_layers, c)
         self._loss: RollingZScore | None = None
         if c.loss_z_threshold is not None:
             self._loss = RollingZScore(c.loss_window, c.loss_z_threshold, c.loss_warmup_steps)
@@ -100,24 +95,19 @@ class GradientAnomalyDetector:
         num_layers = self.num_layers
         self._dtype, self._device = dtype, device
         self._judged = torch.tensor(self._judged_host, dtype=torch.bool, device=device)
-        self._slots = torch.arange(num_layers, device=device)
         self._streak = torch.zeros(num_layers, dtype=torch.long, device=device)
         self._pending = PendingFindings(num_layers, dtype, device)
         self._no_layers = torch.zeros(num_layers, dtype=torch.bool, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._zero = torch.zeros((), dtype=dtype, device=device)
-        self._inf = torch.full((), math.inf, dtype=dtype, device=device)
-        limit = self.config.max_total_norm
-        self._max_total = None if limit is None else torch.full((), limit, dtype=dtype, device=device)
         self._ready = True
         if self._loaded_state is not None:
             state, self._loaded_state = self._loaded_state, None
             self._apply_state(state, like)
 
     def _masks(self, has_grad: tuple[bool, ...]) -> tuple[Tensor | None, Tensor]:
-        """``(present, judged)`` device masks of a pattern; ``present`` is ``None`` when
-        every layer has a gradient. Cached: building a device tensor from a list blocks
-        on CUDA, and MoE / stochastic-depth models alternate between a few patterns."""
+        """``(present or None when all are, judged)`` device masks of a pattern, cached: a
+        list to a device tensor blocks on CUDA; MoE models alternate a few patterns."""
         masks = self._present_masks.get(has_grad)
         if masks is None:
             if len(self._present_masks) >= 16:
@@ -168,9 +158,7 @@ class GradientAnomalyDetector:
         present, judged = self._masks(stats.has_grad)
         false, zero = self._false, self._zero
 
-        nonfinite = stats.nonfinite
-        if nonfinite.device != self._device:
-            nonfinite = nonfinite.to(self._device)
+        nonfinite = stats.nonfinite.to(self._device)  # no op when it is there
         if present is not None:
             nonfinite = nonfinite & present
         any_nonfinite = nonfinite.any()
@@ -186,30 +174,9 @@ class GradientAnomalyDetector:
         valid_layers = finite_step if present is None else present & finite_step
 
         # exploding: absolute limit and/or a z-score spike of the total norm
-        exploding_now, threshold, by_spike = false, self._inf, false
-        if self._max_total is not None:
-            exploding_now = finite_step & (total > self._max_total)
-            threshold = self._max_total
-        if self._total is not None and self._layers is not None:
-            by_spike, spike_threshold = self._total.step(total, finite_step)
-            spiked, z, armed = self._layers.step(norms, valid_layers)
-            if self._max_total is None:
-                exploding_now, threshold = by_spike, spike_threshold
-            else:
-                exploding_now = exploding_now | by_spike
-                threshold = torch.minimum(threshold, spike_threshold)
-            # blame the layers that spiked; else the most unusual (or largest) one
-            scored = armed & valid_layers
-            score = torch.where(
-                scored.any(),
-                torch.where(scored, z, -math.inf),
-                torch.where(valid_layers, norms, -math.inf),
-            )
-            top = self._slots == score.argmax()
-            exploding_layers = torch.where(spiked.any(), spiked, top) & exploding_now
-        else:
-            top = self._slots == torch.where(valid_layers, norms, -math.inf).argmax()
-            exploding_layers = top & exploding_now
+        exploding_now, threshold, by_spike, exploding_layers = self._exploding.step(
+            total, norms, finite_step, valid_layers
+        )
 
         # vanishing: below the limit for `vanishing_patience` finite steps in a row
         vanishing_now_layers, vanishing_threshold, by_ratio = self._no_layers, zero, false
@@ -217,9 +184,7 @@ class GradientAnomalyDetector:
             below, vanishing_threshold, by_ratio = vanishing_layers(
                 norms, judged, c.vanishing_min_norm, c.vanishing_min_ratio
             )
-            self._streak = torch.where(
-                finite_step, torch.where(below, self._streak + 1, 0), self._streak
-            )
+            self._streak = torch.where(finite_step, (self._streak + 1) * below, self._streak)
             vanishing_now_layers = finite_step & (self._streak >= c.vanishing_patience)
 
         # loss: non-finite, or a z-score spike
@@ -295,8 +260,7 @@ class GradientAnomalyDetector:
     ) -> list[Any]:
         """:meth:`update` then :meth:`read`: the events of this step (action ``"none"``)."""
         self.update(stats, step, amp_overflow, loss)
-        findings = self.read()
-        return [e for k in findings.kinds() if (e := k.event("none")) is not None]
+        return [e for k in self.read().kinds() if (e := k.event("none")) is not None]
 
     # ------------------------------------------------------------------ state
 
@@ -305,9 +269,7 @@ class GradientAnomalyDetector:
         state: dict[str, Any] = {"layer_names": list(self.layer_names), "updates": self.updates}
         if self._ready:
             state["streak"] = self._streak.cpu()
-            if self._total is not None and self._layers is not None:
-                state["total"] = self._total.state_dict()
-                state["layers"] = self._layers.state_dict()
+            state.update(self._exploding.state_dict())
             if self._loss is not None:
                 state["loss"] = self._loss.state_dict()
         elif self._loaded_state is not None:
@@ -327,9 +289,7 @@ class GradientAnomalyDetector:
     def _apply_state(self, state: dict[str, Any], like: Tensor) -> None:
         if "streak" in state and state["streak"].numel() == self.num_layers:
             self._streak = state["streak"].to(self._device)
-        if self._total is not None and self._layers is not None:
-            self._total.load_state_dict(state.get("total", {}), like)
-            self._layers.load_state_dict(state.get("layers", {}), like)
+        self._exploding.load_state_dict(state, like)
         if self._loss is not None:
             self._loss.load_state_dict(state.get("loss", {}), like)
 

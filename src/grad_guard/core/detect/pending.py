@@ -138,4 +138,4 @@ class PendingFindings:
 
     def clear(self) -> None:
         """Forget everything (after a read)."""
-        self.packed.zero_()
+        self.packed = torch.zeros_like(self.packed)  # not in place: made under inference_mode

@@ -16,6 +16,7 @@ from torch import Tensor
 # A spread below 1% of the mean is treated as 1% of the mean: a perfectly steady norm
 # would otherwise turn any wobble into an "infinite" z-score.
 REL_STD_FLOOR = 1e-2
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float64)}
 
 
 class RollingZScore:
@@ -50,6 +51,7 @@ class RollingZScore:
         self.count = torch.zeros((), dtype=torch.long, device=like.device)
         self.position = torch.zeros((), dtype=torch.long, device=like.device)
         self._slots = torch.arange(self.window, device=like.device)
+        self._inf = like.new_full((), math.inf)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         """Mean and (floored) sample standard deviation of the accepted values."""
@@ -57,7 +59,7 @@ class RollingZScore:
         # slots not yet filled hold 0 (they are written in order), so they add nothing
         n = self.count.to(self.values.dtype)
         mean = self.values.sum() / n.clamp(min=1)
-        deviation = torch.where(self._slots < self.count, self.values - mean, 0)
+        deviation = (self.values - mean) * (self._slots < self.count)
         var = torch.dot(deviation, deviation) / (n - 1).clamp(min=1)
         return mean, _floored_std(var, mean)
 
@@ -65,7 +67,7 @@ class RollingZScore:
         """The spike threshold now (``inf`` before warm-up)."""
         mean, std = self.mean_std()
         armed = self.count >= self.warmup_steps
-        return torch.where(armed, torch.add(mean, std, alpha=self.z_threshold), math.inf)
+        return torch.where(armed, torch.add(mean, std, alpha=self.z_threshold), self._inf)
 
     def step(self, value: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Judge ``value`` and, if ``valid``, add it. Returns ``(spike, threshold)``."""
@@ -137,6 +139,7 @@ class EMAZScore:
         self.mean = like.new_zeros(self.size)
         self.var = like.new_zeros(self.size)
         self.count = like.new_zeros(self.size)
+        self._zero = like.new_zeros(())
 
     def step(self, values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(spiked, z, armed)``, all ``[size]``, judged before the update."""
@@ -149,13 +152,14 @@ class EMAZScore:
         safe = torch.where(valid, values, self.mean)  # keeps NaN out of the arithmetic
         z = (safe - self.mean) / std
         armed = self.count >= self.warmup_steps
-        spiked = armed & valid & (z > self.z_threshold)
+        spiked = armed & (z > self.z_threshold)  # z is 0 where not valid
         entering = torch.where(spiked, torch.add(self.mean, std, alpha=self.z_threshold), safe)
         first = self.count == 0
         diff = entering - self.mean  # 0 where not valid: the mean stays as it is
         increment = alpha * diff
         self.mean = torch.where(first, entering, self.mean + increment)
-        new_var = torch.where(first, 0.0, (1.0 - alpha) * torch.addcmul(self.var, diff, increment))
+        new_var = (1.0 - alpha) * torch.addcmul(self.var, diff, increment)
+        new_var = torch.where(first, self._zero, new_var)
         self.var = torch.where(valid, new_var, self.var)
         self.count = self.count + valid
         return spiked, z, armed
@@ -168,6 +172,7 @@ class EMAZScore:
     def load_state_dict(self, state: dict[str, Any], like: Tensor) -> None:
         if not state or state["mean"].numel() != self.size:
             return
+        self._zero = like.new_zeros(())
         self.mean = state["mean"].to(device=like.device, dtype=like.dtype)
         self.var = state["var"].to(device=like.device, dtype=like.dtype)
         self.count = state["count"].to(device=like.device, dtype=like.dtype)
@@ -175,5 +180,6 @@ class EMAZScore:
 
 def _floored_std(var: Tensor, mean: Tensor) -> Tensor:
     # var >= 0 by construction (sums of squares, EMAs of them), so no clamp before sqrt
-    floor = torch.clamp(mean.abs() * REL_STD_FLOOR, min=torch.finfo(var.dtype).tiny)
+    tiny = _TINY.get(var.dtype) or torch.finfo(var.dtype).tiny
+    floor = torch.clamp(mean.abs() * REL_STD_FLOOR, min=tiny)
     return torch.maximum(var.sqrt(), floor)
