@@ -77,3 +77,54 @@ def test_a_skipped_step_is_not_multiplied() -> None:
         ops, _ = _step(model, 1e-3, on_nonfinite="skip")
     assert all(p.grad is None for p in model.parameters())
     assert ops["_foreach_mul_"] == 0
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_gradient_with_a_graph_is_clipped_without_recording_the_multiply() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    model(torch.randn(4, 8)).square().sum().backward(create_graph=True)  # grads require grad
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradientGuard(model, optimizer, clipping=NormClip(1e-3), on_nonfinite="skip")
+    guard.step(1)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in model.parameters()]))
+    assert total.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_failed_read_leaves_the_gradients_clipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import grad_guard.core.engine as engine_module
+
+    def broken_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the read broke")
+
+    model = _model_with_grads(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradientGuard(model, optimizer, clipping=NormClip(1e-3), on_nonfinite="skip")
+    monkeypatch.setattr(engine_module, "read_step", broken_read)
+    with pytest.raises(RuntimeError, match="the read broke"):
+        guard.step(1)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert total.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused_adamw"])
+def test_a_clipper_failure_still_drops_a_nan_step(fused: bool) -> None:
+    class Broken(NormClip):
+        def _clip(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("the clipper broke")
+
+    model = _model_with_grads(1.0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    model[0].weight.grad[0, 0] = float("nan")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    guard = GradientGuard(model, optimizer, clipping=Broken(1.0), on_nonfinite="skip")
+    with pytest.warns(UserWarning) as warned:
+        result = guard.step(1)
+        optimizer.step()  # fused: the kernel drops the step itself (call it whatever)
+        guard.flush()
+    messages = " ".join(str(w.message) for w in warned)
+    assert "the clipper broke" in messages and "non-finite" in messages
+    assert result.should_step is fused  # fused: "step anyway", the kernel skips
+    assert guard.counts["skipped_steps"] == 1
+    for got, want in zip(model.parameters(), weights):
+        assert torch.equal(got.detach(), want)

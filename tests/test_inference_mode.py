@@ -21,6 +21,7 @@ BAD_STEP = 7
 
 def _train(guard: GradientGuard, model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
     generator = torch.Generator().manual_seed(0)
+    result = None
     for step in steps:
         x = torch.randn(16, 4, generator=generator)
         loss = model(x).square().mean()
@@ -29,6 +30,10 @@ def _train(guard: GradientGuard, model: nn.Module, optimizer: torch.optim.Optimi
         result = guard.step(step, loss=loss.detach(), batch_index=step)
         if result.should_step or result.should_step is None:
             optimizer.step()
+    assert result is not None and result.stats is not None  # what the loop hands back
+    handed = [result.pre_clip_norm, result.post_clip_norm, result.clip_threshold]
+    handed += [result.stats.layer_norms, result.stats.total_norm, result.stats.nonfinite]
+    assert not [t for t in handed if t is not None and t.is_inference()]
 
 
 def _inference_tensors(obj: object) -> list[str]:
@@ -78,6 +83,7 @@ def test_nothing_made_under_inference_mode_is_later_modified_in_place(make_clipp
     # the clipper on its own, after the engine used it, and its state in a new guard
     clipping(list(model.parameters()))
     state = guard.state_dict()
+    assert not _inference_tensors(state), "the guard's state_dict"
     again = GradientGuard(model, optimizer, clipping=make_clipping(), log_every_n_steps=3)
     again.load_state_dict(state)
     _train(again, model, optimizer, range(12, 16))

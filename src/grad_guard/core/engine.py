@@ -32,17 +32,17 @@ from typing import Any
 
 from grad_guard.core.aftermath import Aftermath, nonfinite_parameter
 from grad_guard.core.clip.base import scale_grads_
-from grad_guard.core.events import GradientAnomalyError
 from grad_guard.core.packet import HostPacket
 from grad_guard.core.parts import ClippingPart, MonitorPart
 from grad_guard.core.policy import AnomalyPolicy
-from grad_guard.core.step import StepOutcome, StepRequest
+from grad_guard.core.step import StepOutcome, StepRequest, apply_actions
 from grad_guard.core.step_report import read_step, report_step, report_update
 from grad_guard.core.track import (
     DEFAULT_PART,
     OptimizerTrack,
     PassKey,
     build_track,
+    count_drop,
     decide_read,
     detection_packet,
     pass_key,
@@ -119,10 +119,13 @@ class StepEngine:
         if values is None:
             self.aftermath.cool_down(self.detection, request)
             return outcome
+        actions = outcome.decision.actions
+        dropping = "skip" in actions or "rollback" in actions
+        if deferred is not None and not dropping and values["coefficient"][0] != 1.0:
+            with track.device_mode():  # no autograd record, even of a create_graph grad
+                scale_grads_(*deferred)  # (gradients, factor); before "raise" can raise
         self.aftermath.start_trace(request, outcome)
-        self._act(request, outcome, fold)
-        if deferred is not None and not outcome.skipped and values["coefficient"][0] != 1.0:
-            scale_grads_(*deferred)  # (gradients, factor)
+        apply_actions(request, outcome, fold)
         self.aftermath.recover(self, request, outcome)
         if request.logging and outcome.error is None:
             report_step(self, track, request, outcome.stats, outcome, values)
@@ -154,9 +157,11 @@ class StepEngine:
         policy = self.detection
         defer = not fold and (needs_now or request.logging)
         drop_now = clipper = grads = None
+        judged = False  # the rules ran: their findings stand even if clipping fails
         try:
             if policy is not None:
                 drop_now = update_rules(track, policy, request, stats[pass_key(policy)])
+            judged = True
             if self.clipping is not None:
                 clipper = self.clipping.for_key(request.key, request.first)
                 clipper.process_group = request.process_group
@@ -170,21 +175,31 @@ class StepEngine:
         except Exception as err:  # still join the read below: other ranks wait in it
             outcome.error = err
             outcome.clip = None
+            if judged and fold and track.fold is not None:
+                track.fold.set(None, drop_now)  # unclipped, but a bad step is still dropped
+                outcome.folded = True
+        if judged:
+            count_drop(track, drop_now)
         if not (needs_now or request.logging):
             outcome.skipped = None if fold and drop_now is not None else False
             return None, None
         factor = outcome.clip.coefficient if defer and outcome.clip is not None else None
-        values = read_step(self, track, request, primary, outcome.clip, clipper, factor)
-        if track.detector is not None and policy is not None and outcome.error is None:
-            computer = track.computers[pass_key(policy)]
-            findings, outcome.decision = decide_read(
-                track,
-                policy,
-                values["detection"],
-                request.label,
-                nonfinite_parameter=lambda: nonfinite_parameter(computer, request.reduce),
-            )
-            outcome.healthy = not (findings.any_now or findings.amp_now)
+        try:
+            values = read_step(self, track, request, primary, outcome.clip, clipper, factor)
+            if track.detector is not None and policy is not None and judged:
+                computer = track.computers[pass_key(policy)]
+                findings, outcome.decision = decide_read(
+                    track,
+                    policy,
+                    values["detection"],
+                    request.label,
+                    nonfinite_parameter=lambda: nonfinite_parameter(computer, request.reduce),
+                )
+                outcome.healthy = not (findings.any_now or findings.amp_now)
+        except BaseException:
+            if factor is not None:  # the read failed: the gradients are clipped all the same
+                scale_grads_(grads, factor)  # type: ignore[arg-type]
+            raise
         return values, (None if factor is None else (grads, factor))
 
     def after_step(self, key: Any) -> None:
@@ -238,18 +253,6 @@ class StepEngine:
             track = build_track(self, request, track, saved)
             self._tracks[request.key] = track
         return track
-
-    def _act(self, request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
-        actions = outcome.decision.actions
-        dropping = "skip" in actions or "rollback" in actions
-        if dropping and not fold:
-            for param in request.params:
-                param.grad = None
-        outcome.skipped = dropping
-        outcome.rollback = actions.get("rollback")
-        outcome.should_stop = outcome.decision.stop_reason is not None
-        if "raise" in actions:
-            raise GradientAnomalyError(actions["raise"])
 
     def own_state(self) -> dict[str, Any]:
         """grad_guard's statistics that a rollback restores with the weights."""

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from grad_guard.core.clip import ClipResult
-from grad_guard.core.events import AnomalyEvent
+from grad_guard.core.events import AnomalyEvent, GradientAnomalyError
 from grad_guard.core.layers import Granularity, Layer
 from grad_guard.core.policy import Decision
 from grad_guard.core.stats import GradientStats
@@ -97,3 +97,22 @@ class StepOutcome:
     healthy: bool | None = None
     restored_step: int | None = None
     error: Exception | None = None
+
+
+def apply_actions(request: StepRequest, outcome: StepOutcome, fold: bool) -> None:
+    """Carry out the decision of a read: drop the step (``None`` gradients, or nothing to
+    do when a fused kernel drops it), ask for a stop or a rollback, raise.
+
+    Raises:
+        GradientAnomalyError: when an anomaly whose action is ``"raise"`` fired.
+    """
+    actions = outcome.decision.actions
+    dropping = "skip" in actions or "rollback" in actions
+    if dropping and not fold:
+        for param in request.params:
+            param.grad = None
+    outcome.skipped = dropping
+    outcome.rollback = actions.get("rollback")
+    outcome.should_stop = outcome.decision.stop_reason is not None
+    if "raise" in actions:
+        raise GradientAnomalyError(actions["raise"])

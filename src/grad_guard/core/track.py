@@ -1,7 +1,8 @@
 """What the engine keeps per optimizer: its passes, rules, fold and pending reads.
 
 :func:`build_track` makes a track when an optimizer's parameters first appear (or
-change); :func:`update_rules` runs its anomaly rules on the device each step;
+change); :func:`update_rules` runs its anomaly rules on the device each step and
+:func:`count_drop` counts a dropped step;
 :func:`decide_read` turns a host copy of the rules' flags into the policy's decision.
 """
 
@@ -91,9 +92,9 @@ def update_rules(
     stats: GradientStats,
 ) -> Tensor | None:
     """Run the rules on the device; return the flag "drop this step" (``None``: no rule
-    drops), and count drops and the drop streak on the device."""
+    drops, or a step without gradients)."""
     detector = track.detector
-    if detector is None or policy is None:
+    if detector is None or policy is None or stats.no_gradients:
         return None
     amp = request.amp_overflow
     if amp is None and request.grad_scale is not None:
@@ -108,10 +109,14 @@ def update_rules(
         track.streak = torch.zeros((), dtype=now.dtype, device=now.device)
     if not any(policy.dropping):
         return None
-    drop = torch.dot(detector.now, track.drop_mask) > 0
-    track.dropped = track.dropped + drop  # type: ignore[operator]
-    track.streak = (track.streak + 1) * drop  # type: ignore[operator]
-    return drop
+    return torch.dot(detector.now, track.drop_mask) > 0
+
+
+def count_drop(track: OptimizerTrack, drop: Tensor | None) -> None:
+    """Count a dropped step and the streak of them on the device (once it is certain)."""
+    if drop is not None and track.dropped is not None and track.streak is not None:
+        track.dropped = track.dropped + drop
+        track.streak = (track.streak + 1) * drop
 
 
 def decide_read(

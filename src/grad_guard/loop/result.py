@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -51,14 +51,21 @@ class GuardStep:
     def from_outcome(cls, step: int, outcome: StepOutcome) -> GuardStep:
         """What the engine's ``outcome`` of step ``step`` means for the loop."""
         stats, clip = outcome.stats, outcome.clip
+        if stats is not None:  # copies: the engine's own tensors are inference tensors
+            stats = replace(
+                stats,
+                layer_norms=stats.layer_norms.clone(),
+                total_norm=stats.total_norm.clone(),
+                nonfinite=stats.nonfinite.clone(),
+            )
         total = stats.total_norm if stats is not None else torch.zeros(())
         return cls(
             step=step,
             should_step=not outcome.skipped,
             should_stop=outcome.should_stop,
             pre_clip_norm=total,
-            post_clip_norm=clip.post_norm if clip is not None else total,
-            clip_threshold=clip.threshold if clip is not None else None,
+            post_clip_norm=clip.post_norm.clone() if clip is not None else total,
+            clip_threshold=clip.threshold.clone() if clip is not None else None,
             events=outcome.decision.events,
             stats=stats,
             folded=outcome.folded,

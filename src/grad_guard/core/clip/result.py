@@ -30,7 +30,8 @@ class ClipResult:
         coefficient: the one factor the gradients are still to be multiplied by, when
             :meth:`ClipAlgorithm.clip_` was asked not to apply it (``apply=False``) and
             the algorithm scales all gradients alike; ``None`` when the gradients were
-            scaled in place.
+            scaled in place. The step engine applies it itself (folded into a fused
+            optimizer, or multiplied in after its host read): do not apply it again.
     """
 
     pre_norm: Tensor

@@ -154,7 +154,8 @@ class ZClip(ClipAlgorithm):
             self.count = self.count.to(norm.device)
         if self._slots is None or self._slots.device != norm.device:
             self._slots = torch.arange(self.warmup_steps, device=norm.device)
-        if self._inf.device != norm.device or self._inf.dtype != norm.dtype:
+        inf = self.__dict__.get("_inf")  # absent in a ZClip pickled by grad_guard 0.1
+        if inf is None or inf.device != norm.device or inf.dtype != norm.dtype:
             self._inf = torch.full((), math.inf, dtype=norm.dtype, device=norm.device)
 
     def _state(self) -> dict[str, Tensor]:

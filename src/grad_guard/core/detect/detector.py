@@ -268,7 +268,7 @@ class GradientAnomalyDetector:
         """Running statistics (spike windows, per-layer EMAs, vanishing streaks), on CPU."""
         state: dict[str, Any] = {"layer_names": list(self.layer_names), "updates": self.updates}
         if self._ready:
-            state["streak"] = self._streak.cpu()
+            state["streak"] = self._streak.cpu().clone()  # a copy, never the live tensor
             state.update(self._exploding.state_dict())
             if self._loss is not None:
                 state["loss"] = self._loss.state_dict()

@@ -89,9 +89,9 @@ class RollingZScore:
         if self.values is None:
             return {}
         return {
-            "values": self.values.cpu(),
-            "count": self.count.cpu(),
-            "position": self.position.cpu(),
+            "values": self.values.cpu().clone(),
+            "count": self.count.cpu().clone(),
+            "position": self.position.cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any], like: Tensor) -> None:
@@ -167,7 +167,11 @@ class EMAZScore:
     def state_dict(self) -> dict[str, Any]:
         if self.mean is None:
             return {}
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count.cpu()}
+        return {
+            "mean": self.mean.cpu().clone(),
+            "var": self.var.cpu().clone(),
+            "count": self.count.cpu().clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], like: Tensor) -> None:
         if not state or state["mean"].numel() != self.size:
