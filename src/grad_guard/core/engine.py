@@ -97,7 +97,7 @@ class StepEngine:
 
         Raises:
             GradientAnomalyError: when an anomaly whose action is ``"raise"`` fired
-                (after the step's gradients were dropped).
+                (after the clip; the caller's ``optimizer.step()`` is not reached).
         """
         outcome = StepOutcome()
         policy = self.detection
