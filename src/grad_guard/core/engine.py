@@ -8,8 +8,9 @@ calls :meth:`StepEngine.step` between the backward pass and ``optimizer.step()``
    for, all on the raw gradients (divided by the GradScaler's scale when they are still
    scaled);
 2. **rules**: the anomaly detector updates its device statistics and flags;
-3. **clipping**: the algorithm computes its coefficient; it is multiplied in, or folded
-   into a fused optimizer's kernel (``grad_scale``) together with the skip flag
+3. **clipping**: the algorithm computes its coefficient; it is multiplied in (after the
+   read of step 4 when there is one, and then not at all when it is exactly 1.0), or
+   folded into a fused optimizer's kernel (``grad_scale``) together with the skip flag
    (``found_inf``), see :mod:`grad_guard.core.fused`;
 4. **one host read**, only when an action must be decided now or on a logging step:
    flags, counters and (logging) every reported figure in one copy;
