@@ -41,7 +41,6 @@ from grad_guard.core.step_report import read_step, report_step, report_update
 from grad_guard.core.track import (
     DEFAULT_PART,
     OptimizerTrack,
-    PassKey,
     build_track,
     count_drop,
     decide_read,
@@ -120,9 +119,7 @@ class StepEngine:
         if values is None:
             self.aftermath.cool_down(self.detection, request)
             return outcome
-        actions = outcome.decision.actions
-        dropping = "skip" in actions or "rollback" in actions
-        if deferred is not None and not dropping and values["coefficient"][0] != 1.0:
+        if deferred is not None and not outcome.decision.drops and values["coefficient"][0] != 1.0:
             with track.device_mode():  # no autograd record, even of a create_graph grad
                 scale_grads_(*deferred)  # (gradients, factor); before "raise" can raise
         self.aftermath.start_trace(request, outcome)
@@ -243,9 +240,6 @@ class StepEngine:
         return outcome
 
     # ------------------------------------------------------------------ internals
-
-    def pass_key(self, part: Any) -> PassKey:
-        return pass_key(part)
 
     def _track(self, request: StepRequest) -> OptimizerTrack:
         track = self._tracks.get(request.key)

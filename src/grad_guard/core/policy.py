@@ -55,6 +55,11 @@ class Decision:
     actions: dict[str, AnomalyEvent] = field(default_factory=dict)
     stop_reason: str | None = None
 
+    @property
+    def drops(self) -> bool:
+        """Whether the latest step is not applied (a ``"skip"`` or a ``"rollback"``)."""
+        return "skip" in self.actions or "rollback" in self.actions
+
 
 class AnomalyPolicy:
     r"""Actions per kind, and the counts, events and warnings they produce.

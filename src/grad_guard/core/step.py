@@ -107,11 +107,10 @@ def apply_actions(request: StepRequest, outcome: StepOutcome, fold: bool) -> Non
         GradientAnomalyError: when an anomaly whose action is ``"raise"`` fired.
     """
     actions = outcome.decision.actions
-    dropping = "skip" in actions or "rollback" in actions
-    if dropping and not fold:
+    if outcome.decision.drops and not fold:
         for param in request.params:
             param.grad = None
-    outcome.skipped = dropping
+    outcome.skipped = outcome.decision.drops
     outcome.rollback = actions.get("rollback")
     outcome.should_stop = outcome.decision.stop_reason is not None
     if "raise" in actions:

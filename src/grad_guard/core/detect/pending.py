@@ -1,7 +1,7 @@
 """What the rules found since the last read, accumulated on the device in few ops a step.
 
 The accumulator *is* the packed layout of :mod:`grad_guard.core.detect.findings`: one
-float tensor, so a read copies it as it is and a clear is one ``zero_``. A step lays its
+float tensor, so a read copies it as it is and a clear is one new zero tensor. A step lays its
 findings out as one row of the same layout and folds it in with a handful of element-wise
 ops, each slot by its own rule: counts add, ages grow, "now" slots are replaced,
 thresholds, details and layer values are replaced where their flag fired, and the
@@ -83,7 +83,6 @@ class PendingFindings:
 
     def __init__(self, num_layers: int, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype
-        self.num_layers = num_layers
         accumulates, age, flag, replace = _slot_rules(num_layers)
         self.packed = torch.zeros(packed_size(num_layers), dtype=dtype, device=device)
         self._accumulates = torch.tensor(accumulates, device=device)
